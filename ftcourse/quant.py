@@ -139,7 +139,7 @@ class NF4State:
         ts = [self.absmax, self.offset, self.nested_absmax]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
-# %% ../nbs/04_nf4.ipynb #cc202d49
+# %% ../nbs/04_nf4.ipynb #04ac4a17
 def quantize_nf4(w:torch.Tensor, # float32/bfloat16/float16 tensor, any shape
                  blocksize:int=64, # values sharing one absmax scale
                  compress_statistics:bool=False, # double quantization: 8-bit scales in blocks of 256
@@ -158,15 +158,19 @@ def nf4_absmax(st:NF4State) -> torch.Tensor:
     if not st.nested: return st.absmax
     return dequantize_blockwise8(st.absmax, st.nested_absmax, st.nested_blocksize) + st.offset
 
+def _pair_table(code): return torch.stack([code[torch.arange(256) >> 4], code[torch.arange(256) & 0xF]], 1)  # byte -> its 2 levels
+
 def dequantize_nf4(packed:torch.Tensor, # the codes from `quantize_nf4`
                    st:NF4State, # its state
                    dtype:torch.dtype|None=None, # output dtype; default: the original one
                   ) -> torch.Tensor:
     "NF4 level times block scale, computed in float32 and cast once, as bitsandbytes does."
-    n = math.prod(st.shape)
-    v = st.code[unpack_nibbles(packed, n)]
-    out = v * nf4_absmax(st).repeat_interleave(st.blocksize)[:n]
-    return out.reshape(st.shape).to(dtype or st.dtype)
+    n, bs = math.prod(st.shape), st.blocksize
+    v = _pair_table(st.code).index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]  # one lookup per byte gives both levels
+    am, full = nf4_absmax(st), n - n % bs
+    v[:full].view(-1, bs).mul_(am[:full // bs, None])
+    if full < n: v[full:].mul_(am[-1])
+    return v.reshape(st.shape).to(dtype or st.dtype)
 
 # %% ../nbs/04_nf4.ipynb #4740893a
 def int4_absmax_roundtrip(w:torch.Tensor, blocksize:int=64) -> torch.Tensor:
