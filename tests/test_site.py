@@ -80,8 +80,10 @@ def _math_spans(nb_name):
     return len(re.findall(r'\$\$.+?\$\$|\$[^$\n]+?\$', md, flags=re.S))
 
 def _png_outputs(nb_name):
+    "Plots the page must show: image outputs of the processed notebook's cells, except cells Quarto leaves out."
     nb = json.loads((ROOT/'_proc'/nb_name).read_text())
-    return sum('image/png' in o.get('data', {}) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', []))
+    shown = [c for c in nb['cells'] if c['cell_type'] == 'code' and not re.search(r'^#\|\s*(include|output):\s*false', ''.join(c.get('source', '')), re.M)]
+    return sum('image/png' in o.get('data', {}) for c in shown for o in c.get('outputs', []))
 
 def test_build(built):
     out, secs = built
