@@ -151,9 +151,9 @@ def process(executed:dict[Path, Path]) -> Path:
     os.chdir(NBS)
     try: cache = proc_nbs(str(STAGE), n_workers=0, force=True)
     except Exception as e:
-        sys.exit(f"{e}\n\ntools/site.py: nbdev's doc processing failed (nbdev-docs would fail the same way). It runs only the "
-                 "cells that import, export or call show_doc, each in a fresh kernel: a cell that imports AND uses names "
-                 "made by other cells fails there. Put such imports in a cell of their own.")
+        sys.exit(f"{e}\n\ntools/site.py: nbdev's doc processing failed (nbdev-docs would fail the same way). It runs, in "
+                 "one fresh kernel per notebook, only the cells that import, export or call show_doc: a cell that "
+                 "imports AND uses names made by the other cells fails there. Put such imports in a cell of their own.")
     finally: os.chdir(cwd)
     print(f"nbdev's doc processing (show_doc, links, frontmatter) took {time.time()-t0:.0f} s")
     return Path(cache)
