@@ -15,6 +15,7 @@ def main():
     ap.add_argument('--tokens', type=int, default=64); ap.add_argument('--batch', type=int, default=1)
     ap.add_argument('--repeats', type=int, default=3)
     a = ap.parse_args()
+    if os.getloadavg()[0] > (os.cpu_count() or 1): torch.set_num_threads(1)   # oversubscribed: OpenMP threads would spin-wait
     model, _ = load_model(); model.train()
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.tokens), generator=torch.Generator().manual_seed(0))
     n = len(decoder_layers(model))

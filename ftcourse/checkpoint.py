@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ['SavedTensors', 'saved_tensor_bytes', 'decoder_layers', 'Checkpointing', 'checkpoint_layers', 'checkpoint_segments',
            'hf_checkpointing', 'loss_and_grads', 'grads_equal', 'fwd_bwd_seconds']
 
-# %% ../nbs/05_checkpointing.ipynb #e5d667d3
+# %% ../nbs/05_checkpointing.ipynb #c1add142
 def _storage_key(t:torch.Tensor):
     st = t.untyped_storage()
     return (t.device.type, t.device.index, st.data_ptr()), st.nbytes()
@@ -53,7 +53,7 @@ def saved_tensor_bytes(fn, # the forward computation to measure, called as `fn(*
     with SavedTensors(exclude) as s: fn(*args, **kwargs)
     return s.summary()
 
-# %% ../nbs/05_checkpointing.ipynb #731df656
+# %% ../nbs/05_checkpointing.ipynb #b7f3d851
 def decoder_layers(model:nn.Module) -> nn.ModuleList:
     "The stack of decoder layers of a transformers causal LM (`model.model.layers` for Llama)."
     for name in ('model.layers', 'layers', 'model.decoder.layers', 'transformer.h'):
@@ -98,7 +98,7 @@ class Checkpointing:
     def __exit__(self, *exc): self.undo()
     def __repr__(self): return f"Checkpointing(segments={self.segments})"
 
-# %% ../nbs/05_checkpointing.ipynb #e9561c2e
+# %% ../nbs/05_checkpointing.ipynb #45f850e0
 def checkpoint_layers(model:nn.Module, # a transformers causal LM
                       every:int=1, # checkpoint layers 0, every, 2*every, ...
                       layers:list[int]|None=None, # or exactly these layer indices
@@ -122,7 +122,7 @@ def checkpoint_segments(model:nn.Module, # a transformers causal LM
     if not 1 <= k <= n: raise ValueError(f"k must be in [1, {n}], got {k}")
     return Checkpointing(model, [list(range(s, min(s+k, n))) for s in range(0, n, k)], preserve_rng_state)
 
-# %% ../nbs/05_checkpointing.ipynb #f538a4c5
+# %% ../nbs/05_checkpointing.ipynb #7ac4bf1a
 @contextlib.contextmanager
 def hf_checkpointing(model:nn.Module, # a transformers `PreTrainedModel`
                      every:int=1, # transformers' `every_n_layers` (when supported)
@@ -139,7 +139,7 @@ def hf_checkpointing(model:nn.Module, # a transformers `PreTrainedModel`
             try: model.disable_input_require_grads()
             except AttributeError: pass
 
-# %% ../nbs/05_checkpointing.ipynb #fa1594d7
+# %% ../nbs/05_checkpointing.ipynb #f68c5aa5
 def loss_and_grads(model:nn.Module, input_ids:torch.Tensor, seed:int=0) -> tuple[torch.Tensor, dict]:
     "Next-token loss on `input_ids` (labels = inputs) and every parameter's gradient, from a fresh backward."
     model.zero_grad(set_to_none=True)
@@ -154,7 +154,7 @@ def grads_equal(a:dict, b:dict) -> bool:
     "True when two gradient dicts have the same keys and bit-identical tensors."
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-# %% ../nbs/05_checkpointing.ipynb #3954e1a3
+# %% ../nbs/05_checkpointing.ipynb #5c4e3769
 def fwd_bwd_seconds(model:nn.Module, input_ids:torch.Tensor, setups:dict, repeats:int=3, warmup:int=1) -> dict:
     "Median seconds of forward+backward (loss on `input_ids`) for each named setup (a function model -> context manager), runs interleaved."
     def step():

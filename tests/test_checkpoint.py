@@ -7,6 +7,13 @@ from ftcourse.checkpoint import (SavedTensors, saved_tensor_bytes, checkpoint_la
 
 def fwd(m, ids): return m(ids, labels=ids, use_cache=False)
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "These models are small: one thread avoids OpenMP spin-waiting when the machine is oversubscribed (results are the same)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope='module')
 def tiny():
     m, tok = tiny_model(num_hidden_layers=6)
@@ -16,7 +23,7 @@ def tiny():
 @pytest.fixture(scope='module')
 def real():
     m, _ = load_model()
-    ids = torch.randint(0, m.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     return m.train(), ids
 
 def test_accounting_views_and_repeats():
