@@ -102,12 +102,13 @@ def sft_loss_fn(model, batch:dict) -> tuple[torch.Tensor, dict]:
     loss = sft_loss(logits, batch['labels'])
     return loss, dict(loss=loss.item(), n_items=int((batch['labels'][:, 1:] != IGNORE_INDEX).sum()))
 
-# %% ../nbs/02a_sft.ipynb #657bf10a
+# %% ../nbs/02a_sft.ipynb #7fd1e0a0
 def trl_sft_batch(rows, tok, model, max_len:int=128):
     "trl's SFTTrainer's own tokenization and collation of chat `rows` (as prompt/completion), for comparison."
     import tempfile
     from datasets import Dataset
-    from trl import SFTTrainer, SFTConfig
+    from ftcourse.core import require
+    trl = require('trl'); SFTTrainer, SFTConfig = trl.SFTTrainer, trl.SFTConfig
     pc = Dataset.from_list([dict(prompt=r['messages'][:-1], completion=r['messages'][-1:]) for r in rows])
     with tempfile.TemporaryDirectory() as d:
         args = SFTConfig(output_dir=d, max_length=max_len, report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
