@@ -1,0 +1,85 @@
+"Masked-label SFT: the example builder, its bad-input policy, the collator, the loss, and equality with trl."
+import copy
+import pytest, torch
+from ftcourse.core import tiny_model, load_model, load_course_dataset
+from ftcourse.sft import (build_sft_example, sft_dataset, collate_sft, sft_loss, sft_loss_fn, trl_sft_batch, IGNORE_INDEX,
+                          judge_score, pad_id)
+from ftcourse.data import DatasetFormatError
+
+@pytest.fixture(scope='module')
+def tiny(): return tiny_model()
+
+@pytest.fixture(scope='module')
+def rows(): return load_course_dataset('sft', 'train').select(range(16))
+
+def test_labels_mask_exactly_the_prompt(tiny, rows):
+    m, tok = tiny
+    for r in rows:
+        ex = build_sft_example(tok, r['messages'], 512)
+        prompt = tok.apply_chat_template(r['messages'][:-1], add_generation_prompt=True, tokenize=True, return_dict=True)['input_ids']
+        assert ex['labels'][:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        assert ex['labels'][len(prompt):] == ex['input_ids'][len(prompt):]
+        assert tok.decode(ex['input_ids'][len(prompt):]) == r['messages'][-1]['content'] + '<|im_end|>\n'
+
+def test_too_long_policy_counts_and_reports(tiny, rows):
+    m, tok = tiny
+    long = dict(messages=[dict(role='user', content='x' * 600), dict(role='assistant', content='y')])
+    exs, rep = sft_dataset([rows[0], long, rows[1], long], tok, max_len=256, verbose=False)
+    assert len(exs) == rep.kept == 2 and rep.dropped == [1, 3] and 'dropped' in str(rep)
+    with pytest.raises(ValueError, match='row 1: the prompt alone is longer'): sft_dataset([rows[0], long], tok, 256, too_long='error')
+    # a response that does not fit is truncated and counted, never silently
+    r = dict(messages=[dict(role='user', content='q'), dict(role='assistant', content='z' * 600)])
+    exs, rep = sft_dataset([r], tok, max_len=256, verbose=False)
+    assert rep.truncated == 1 and len(exs[0]['input_ids']) == 256
+
+def test_bad_rows_name_the_row(tiny, rows):
+    m, tok = tiny
+    empty = dict(messages=[dict(role='user', content='q'), dict(role='assistant', content='   ')])
+    with pytest.raises(DatasetFormatError, match=r'row 2: .*empty content'): sft_dataset([rows[0], rows[1], empty], tok)
+    with pytest.raises(DatasetFormatError, match='row 0'): sft_dataset([dict(text='hi')], tok)
+
+def test_no_template_no_pad_token_are_clear_errors(tiny, rows):
+    m, tok = tiny
+    t = copy.deepcopy(tok); t.chat_template = None
+    with pytest.raises(ValueError, match='no chat template'): build_sft_example(t, rows[0]['messages'])
+    t = copy.deepcopy(tok); t.pad_token = None
+    with pytest.raises(ValueError, match='no pad token'): collate_sft(t)
+
+def test_collator_pads_right_and_masks(tiny, rows):
+    m, tok = tiny
+    exs, _ = sft_dataset(rows, tok, 512, verbose=False)
+    b = collate_sft(tok)(exs)
+    lens = torch.tensor([len(e['input_ids']) for e in exs])
+    assert torch.equal(b['attention_mask'].sum(1), lens)
+    for i, n in enumerate(lens):
+        assert (b['labels'][i, n:] == IGNORE_INDEX).all() and (b['input_ids'][i, n:] == pad_id(tok)).all()
+
+def test_loss_equals_transformers_and_ignores_masked_positions(tiny, rows):
+    m, tok = tiny
+    b = collate_sft(tok)(sft_dataset(rows, tok, 512, verbose=False)[0])
+    with torch.no_grad():
+        out = m(**b)
+        assert torch.allclose(sft_loss(out.logits, b['labels']), out.loss, rtol=1e-6, atol=0)
+        # changing the logits at masked positions does not change the loss
+        logits = out.logits.clone(); masked = b['labels'][:, 1:] == IGNORE_INDEX
+        logits[:, :-1][masked] += torch.randn_like(logits[:, :-1][masked]) * 10
+        assert torch.equal(sft_loss(logits, b['labels']), sft_loss(out.logits, b['labels']))
+
+@pytest.mark.parametrize('which', ['tiny', 'real'])
+def test_same_labels_and_loss_as_trl(tiny, rows, which):
+    m, tok = tiny if which == 'tiny' else load_model()
+    max_len = 512 if which == 'tiny' else 128
+    trl_b, trainer = trl_sft_batch(rows, tok, m, max_len)
+    ours = collate_sft(tok)(sft_dataset(rows, tok, max_len, verbose=False)[0])
+    for k in ('input_ids', 'labels', 'attention_mask'): assert torch.equal(ours[k], trl_b[k]), k
+    with torch.no_grad():
+        l_trl = trainer.compute_loss(m, dict(trl_b)); l_ours, met = sft_loss_fn(m, ours)
+    # trl's fused LM head sums the log-softmax in another order: a few parts in a million
+    assert torch.allclose(l_trl, l_ours, rtol=2e-5, atol=0)
+    assert met['n_items'] == int((ours['labels'][:, 1:] != IGNORE_INDEX).sum())
+
+def test_judge_score_counts_and_restores_padding_side(tiny, rows):
+    m, tok = tiny
+    side = tok.padding_side
+    r = judge_score(m, tok, rows.select(range(4)), max_new_tokens=4, batch_size=3)
+    assert len(r['responses']) == 4 and 0 <= r['score'] <= 1 and tok.padding_side == side

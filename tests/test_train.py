@@ -1,0 +1,111 @@
+"The training loop: accumulation by token count, schedule, resuming, NaN stop, atomic checkpoints."
+import json, math
+import pytest, torch
+from transformers import get_cosine_schedule_with_warmup
+from ftcourse.core import tiny_model, load_course_dataset
+from ftcourse.sft import build_sft_example, collate_sft, sft_loss_fn
+from ftcourse.train import (TrainConfig, train, cosine_with_warmup, batch_indices, count_items, latest_checkpoint,
+                            load_checkpoint, save_checkpoint)
+
+@pytest.fixture(scope='module')
+def data():
+    m, tok = tiny_model()
+    rows = load_course_dataset('sft', 'train').select(range(32))
+    exs = [build_sft_example(tok, r['messages'], 256) for r in rows]
+    return [dict(input_ids=e['input_ids'], labels=e['labels']) for e in exs], collate_sft(tok)
+
+def _grads(data, micro, batch=4):
+    exs, coll = data
+    m, _ = tiny_model()
+    grads = {}
+    def loss_fn(model, b):
+        return sft_loss_fn(model, b)
+    orig = torch.optim.AdamW.step
+    def spy(self, *a, **k):
+        grads.update({n: p.grad.clone() for n, p in m.named_parameters()}); return orig(self, *a, **k)
+    torch.optim.AdamW.step = spy
+    try: train(m, loss_fn, exs, TrainConfig(steps=1, batch_size=batch, micro_batch_size=micro, max_grad_norm=None, eval_every=0, progress=False), collate_fn=coll)
+    finally: torch.optim.AdamW.step = orig
+    return grads
+
+def test_accumulating_4_micro_batches_equals_one_batch_of_4(data):
+    exs, coll = data
+    counts = [count_items(coll([exs[i]])) for i in batch_indices(0, 4, len(exs))]
+    assert len(set(counts)) > 1, "the test needs micro-batches with different token counts"
+    g4, g1, g2 = _grads(data, 4), _grads(data, 1), _grads(data, 2)
+    for n in g4:
+        assert torch.allclose(g1[n], g4[n], rtol=1e-5, atol=1e-7), n
+        assert torch.allclose(g2[n], g4[n], rtol=1e-5, atol=1e-7), n
+
+def test_naive_mean_of_means_would_differ(data):
+    "The normalisation matters: averaging micro-batch means gives another gradient (so the test above can fail)."
+    exs, coll = data
+    m, _ = tiny_model(); idx = batch_indices(0, 4, len(exs))
+    for i in idx: (sft_loss_fn(m, coll([exs[i]]))[0] / 4).backward()
+    naive = {n: p.grad.clone() for n, p in m.named_parameters()}
+    g4 = _grads(data, 4)
+    assert any(not torch.allclose(naive[n], g4[n], rtol=1e-3, atol=1e-6) for n in g4)
+
+def test_schedule_matches_transformers():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=50)
+    for s in range(60): assert cosine_with_warmup(s, 7, 50) == hf.lr_lambdas[0](s)
+
+def test_data_order_covers_every_example_each_epoch():
+    stream = [i for s in range(10) for i in batch_indices(s, 3, 10, seed=4)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert batch_indices(2, 4, 10, shuffle=False) == [8, 9, 0, 1]
+
+def _run(data, out_dir, crash_at=None, resume=False, steps=6):
+    exs, coll = data
+    m, _ = tiny_model(); calls = dict(n=0)
+    def loss_fn(model, b):
+        calls['n'] += model.training                 # count training forwards only (evaluation runs in eval mode)
+        if crash_at and calls['n'] == crash_at: raise RuntimeError('simulated crash')
+        return sft_loss_fn(model, b)
+    cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=2, save_every=2, eval_every=3,
+                      out_dir=str(out_dir), progress=False)
+    try: h = train(m, loss_fn, exs, cfg, collate_fn=coll, eval_data=exs[:8], resume=resume)
+    except RuntimeError: h = None
+    return m, h
+
+def test_resume_gives_the_uninterrupted_parameters(data, tmp_path):
+    whole, h = _run(data, tmp_path/'a')
+    _run(data, tmp_path/'b', crash_at=9)                   # dies in step 5 (2 micro-batches a step), after checkpoint-4
+    assert latest_checkpoint(tmp_path/'b').name == 'checkpoint-000004'
+    resumed, h2 = _run(data, tmp_path/'b', resume=True)
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()): assert torch.equal(p, q), n
+    assert [r['step'] for r in h if 'loss' in r] == [r['step'] for r in h2 if 'loss' in r] == [1, 2, 3, 4, 5, 6]
+    assert [r['loss'] for r in h if 'loss' in r] == [r['loss'] for r in h2 if 'loss' in r]
+    assert h.series('eval_loss')[0] == [0, 3, 6]
+    lines = (tmp_path/'b'/'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['step'] for l in lines] == [r['step'] for r in h2]
+    assert not list((tmp_path/'b').glob('.tmp-*')) and len(list((tmp_path/'b').glob('checkpoint-*'))) == 2
+
+def test_nan_loss_stops_before_the_weights_change(data):
+    exs, coll = data
+    m, _ = tiny_model(); before = [p.clone() for p in m.parameters()]
+    def nan_loss(model, b):
+        l, met = sft_loss_fn(model, b); return l * float('nan'), met
+    with pytest.raises(FloatingPointError, match='the loss is nan at step 1'):
+        train(m, nan_loss, exs, TrainConfig(steps=3, eval_every=0, progress=False), collate_fn=coll)
+    assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+
+def test_checkpoint_roundtrip_uses_safe_formats(data, tmp_path):
+    exs, coll = data
+    m, _ = tiny_model()
+    train(m, sft_loss_fn, exs, TrainConfig(steps=2, eval_every=0, out_dir=str(tmp_path), progress=False), collate_fn=coll)
+    ck = latest_checkpoint(tmp_path)
+    assert (ck/'trainable.safetensors').exists() and ck.name == 'checkpoint-000002'
+    m2, _ = tiny_model(seed=1)
+    load_checkpoint(ck, m2)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+
+def test_bad_config_is_a_clear_error(data):
+    exs, coll = data
+    m, _ = tiny_model()
+    with pytest.raises(ValueError, match='batch_size=4 must split'):
+        train(m, sft_loss_fn, exs, TrainConfig(steps=1, batch_size=4, micro_batch_size=3, progress=False), collate_fn=coll)
+    for p in m.parameters(): p.requires_grad_(False)
+    with pytest.raises(ValueError, match='nothing to train'):
+        train(m, sft_loss_fn, exs, TrainConfig(steps=1, progress=False), collate_fn=coll)
