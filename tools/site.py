@@ -111,6 +111,8 @@ def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Pat
     if not todo: return out
     t0, failed = time.time(), []
     print(f"executing {len(todo)} notebook(s) with {jobs} worker(s), as nbdev-test does:", flush=True)
+    # several notebooks at once: one math thread each, or their torch threads fight over the cores (as in tools/test)
+    if jobs > 1: os.environ.setdefault('OMP_NUM_THREADS', '1')
     # one fresh process per notebook (IPython's shell takes over the worker's __main__, as in Jupyter)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context('spawn'), max_tasks_per_child=1) as ex:
         futs = {ex.submit(_execute, str(nb), str(out[nb])): nb for nb in todo}
