@@ -15,7 +15,7 @@ __all__ = ['NF4_CODE', 'DYNAMIC_CODE', 'LLAMA_LINEARS', 'nf4_from_scratch', 'blo
            'pack_nibbles', 'unpack_nibbles', 'dynamic_map', 'lut_quantize', 'quantize_blockwise8',
            'dequantize_blockwise8', 'NF4State', 'quantize_nf4', 'nf4_absmax', 'dequantize_nf4', 'int4_absmax_roundtrip',
            'NF4Linear', 'nf4_bits_per_param', 'nf4_nbytes', 'llama_shapes', 'llama_param_counts', 'lora_params',
-           'activation_bytes', 'estimate_training_memory']
+           'activation_bytes', 'estimate_training_memory', 'quantize_lora_bases']
 
 # %% ../nbs/04_nf4.ipynb #7f5c70b4
 NF4_CODE = torch.tensor([
@@ -272,3 +272,16 @@ def estimate_training_memory(cfg, # a transformers Llama config (or anything wit
                activations=activation_bytes(cfg, batch_size, seq_len, wb, grad_checkpointing))
     res['total'] = sum(res.values()); res['params'] = n; res['trainable'] = trainable
     return res
+
+# %% ../nbs/04_nf4.ipynb #bdff5181
+def quantize_lora_bases(model:nn.Module, # a model after `ftcourse.lora.apply_lora`
+                        blocksize:int=64, compress_statistics:bool=True, # NF4 settings (double quantization on by default, as QLoRA)
+                       ) -> int:
+    "QLoRA from scratch: replace the frozen `nn.Linear` inside every `LoRALinear` with an `NF4Linear`; returns how many."
+    from ftcourse.lora import lora_layers
+    n = 0
+    for layer in lora_layers(model).values():
+        if isinstance(layer.base, nn.Linear):
+            layer.base = NF4Linear.from_linear(layer.base, blocksize, compress_statistics); n += 1
+    if n == 0: raise ValueError("no LoRALinear with an nn.Linear base found: call ftcourse.lora.apply_lora first")
+    return n
