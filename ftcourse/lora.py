@@ -137,7 +137,7 @@ def count_trainable(model:nn.Module) -> int:
     "Number of parameters with `requires_grad` (tied weights counted once)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/03_lora.ipynb #96ceb7b7
+# %% ../nbs/03_lora.ipynb #55eb47a1
 def copy_lora_from_peft(model:nn.Module,     # a model after `apply_lora`
                         peft_model:nn.Module # the same base model after `peft.get_peft_model`
                        ):
@@ -152,7 +152,7 @@ def copy_lora_from_peft(model:nn.Module,     # a model after `apply_lora`
             m.lora_A.copy_(pl[n].lora_A['default'].weight); m.lora_B.copy_(pl[n].lora_B['default'].weight)
     return model
 
-# %% ../nbs/03_lora.ipynb #404e1b45
+# %% ../nbs/03_lora.ipynb #0a46cacb
 def peft_lora_layer(base:nn.Linear, # the layer to wrap (wrapped as is, not copied)
                     r:int, alpha:float, dropout:float=0.0):
     "peft's LoRA layer (`peft.tuners.lora.Linear`, adapter 'default') around `base` (frozen here, as `get_peft_model` would), for comparisons."
@@ -161,7 +161,7 @@ def peft_lora_layer(base:nn.Linear, # the layer to wrap (wrapped as is, not copi
     base.requires_grad_(False)
     return Linear(base, 'default', config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout), r=r, lora_alpha=alpha)
 
-# %% ../nbs/03_lora.ipynb #9a0a56f9
+# %% ../nbs/03_lora.ipynb #7777e21a
 def lora_params(d_in:int, d_out:int, r:int) -> int:
     "Parameters of one LoRA adapter: A is r × d_in, B is d_out × r."
     return r * (d_in + d_out)
@@ -203,7 +203,7 @@ def model_param_count(config) -> int:
     model = config if isinstance(config, nn.Module) else meta_model(config)
     return sum(p.numel() for p in model.parameters())
 
-# %% ../nbs/03_lora.ipynb #e6be8a13
+# %% ../nbs/03_lora.ipynb #d19fd3b7
 # Source: config.json of HuggingFaceTB/SmolLM2-135M-Instruct on the Hugging Face hub
 SMOLLM2_135M = dict(model_type='llama', hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
@@ -218,7 +218,7 @@ LLAMA3_8B = dict(model_type='llama', hidden_size=4096, intermediate_size=14336, 
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
 KNOWN_CONFIGS = {'SmolLM2-135M': SMOLLM2_135M, 'Llama-2-7B': LLAMA2_7B, 'Mistral-7B-v0.1': MISTRAL_7B, 'Llama-3-8B': LLAMA3_8B}
 
-# %% ../nbs/03_lora.ipynb #d9ca23ce
+# %% ../nbs/03_lora.ipynb #a3149357
 def peft_trainable_count(config, # a transformers config or dict, or a model (which peft then modifies in place)
                          r:int=8, # LoRA rank
                          target_modules:str|Iterable[str]=('q_proj', 'v_proj'), # as for `LoraConfig`
@@ -234,7 +234,7 @@ def peft_trainable_count(config, # a transformers config or dict, or a model (wh
         pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=tm))
     return pm.get_nb_trainable_parameters()[0]
 
-# %% ../nbs/03_lora.ipynb #203ed443
+# %% ../nbs/03_lora.ipynb #1b23167e
 def adamw_state_bytes(params) -> int:
     "Bytes of AdamW's state for `params`, measured: one zero-gradient step with lr=0 creates the state, then it is freed."
     from ftcourse.train import optimizer_state_bytes
