@@ -4,7 +4,8 @@ bnb = pytest.importorskip('bitsandbytes')
 import bitsandbytes.functional as bnbF
 from ftcourse.quant import (NF4_CODE, DYNAMIC_CODE, nf4_from_scratch, quantize_nf4, dequantize_nf4, nearest_code,
     pack_nibbles, unpack_nibbles, quantize_blockwise8, NF4Linear, nf4_bits_per_param, nf4_nbytes,
-    estimate_training_memory, llama_param_counts, lora_params, LLAMA_LINEARS, int4_absmax_roundtrip)
+    estimate_training_memory, llama_param_counts, LLAMA_LINEARS, int4_absmax_roundtrip)
+from ftcourse.lora import lora_param_count
 
 torch._dynamo.config.disable = True   # bnb compiles its odd-shape dequantization fallback; eager is the same arithmetic
 
@@ -123,7 +124,7 @@ def test_lora_count_matches_peft():
     cfg = small_cfg()
     for r, targets in [(8, list(LLAMA_LINEARS)), (4, ['q_proj', 'v_proj'])]:
         pm = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, target_modules=targets))
-        assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == lora_params(cfg, r, targets)
+        assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == lora_param_count(cfg, r, targets)
 
 def test_qlora_paper_claims():
     from transformers import LlamaConfig
