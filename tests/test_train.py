@@ -18,13 +18,11 @@ def _grads(data, micro, batch=4):
     exs, coll = data
     m, _ = tiny_model()
     grads = {}
-    def loss_fn(model, b):
-        return sft_loss_fn(model, b)
     orig = torch.optim.AdamW.step
     def spy(self, *a, **k):
         grads.update({n: p.grad.clone() for n, p in m.named_parameters()}); return orig(self, *a, **k)
     torch.optim.AdamW.step = spy
-    try: train(m, loss_fn, exs, TrainConfig(steps=1, batch_size=batch, micro_batch_size=micro, max_grad_norm=None, eval_every=0, progress=False), collate_fn=coll)
+    try: train(m, sft_loss_fn, exs, TrainConfig(steps=1, batch_size=batch, micro_batch_size=micro, max_grad_norm=None, eval_every=0, progress=False), collate_fn=coll)
     finally: torch.optim.AdamW.step = orig
     return grads
 
