@@ -14,7 +14,8 @@ IGNORE_INDEX = -100
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences', 'collate_sft',
-           'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'prompt_messages', 'generate_responses', 'judge_score']
+           'PreferenceReport', 'preference_dataset', 'collate_preference', 'sft_loss', 'sft_loss_fn', 'trl_sft_batch',
+           'prompt_messages', 'generate_responses', 'judge_score']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -87,6 +88,43 @@ def collate_sft(tok, padding_side:str='right'):
         return dict(input_ids=pad_sequences(ids, pid, padding_side),
                     attention_mask=pad_sequences([[1] * len(s) for s in ids], 0, padding_side),
                     labels=pad_sequences([e['labels'] for e in examples], IGNORE_INDEX, padding_side))
+    return collate
+
+# %% ../nbs/02a_sft.ipynb #f5913c2f
+@dataclass
+class PreferenceReport:
+    "What `preference_dataset` did with each pair."
+    kept:int = 0
+    prompt_too_long:list = field(default_factory=list)     # indices of pairs whose prompt alone exceeds max_len
+    response_too_long:list = field(default_factory=list)   # indices of pairs where chosen or rejected does not fit
+    def __str__(self):
+        n = len(self.prompt_too_long) + len(self.response_too_long)
+        return (f"{self.kept} pairs kept; {n} dropped ({len(self.prompt_too_long)} with the prompt, "
+                f"{len(self.response_too_long)} with a response longer than max_len)")
+
+def preference_dataset(rows, # preference rows with `prompt`, `chosen`, `rejected` (lists of messages)
+                       tok, max_len:int=128, # longest sequence in tokens (prompt + response)
+                       verbose:bool=True, # print the report
+                      ) -> tuple[list[dict], PreferenceReport]:
+    "Validate and tokenize preference pairs; a pair that does not fit whole is dropped and counted."
+    out, rep = [], PreferenceReport()
+    for i, row in enumerate(rows):
+        validate_row(row, 'preference', f"row {i}")
+        c = build_sft_example(tok, row['prompt'] + row['chosen'], max_len)
+        if c['prompt_too_long']: rep.prompt_too_long.append(i); continue
+        r = build_sft_example(tok, row['prompt'] + row['rejected'], max_len)
+        if c['truncated'] or r['truncated']: rep.response_too_long.append(i); continue
+        rep.kept += 1
+        out.append(dict(chosen_input_ids=c['input_ids'], chosen_labels=c['labels'],
+                        rejected_input_ids=r['input_ids'], rejected_labels=r['labels']))
+    if verbose: print(rep)
+    return out, rep
+
+def collate_preference(tok, padding_side:str='right'):
+    "A collate function for pairs: `input_ids`, `attention_mask`, `labels` of shape (2B, T), the B chosen rows first."
+    sft = collate_sft(tok, padding_side)
+    def collate(examples):
+        return sft([dict(input_ids=e[f'{k}_input_ids'], labels=e[f'{k}_labels']) for k in ('chosen', 'rejected') for e in examples])
     return collate
 
 # %% ../nbs/02a_sft.ipynb #abbef3a1

@@ -3,7 +3,7 @@ import copy
 import pytest, torch
 from ftcourse.core import tiny_model, load_model, load_course_dataset
 from ftcourse.sft import (build_sft_example, sft_dataset, collate_sft, sft_loss, sft_loss_fn, trl_sft_batch, IGNORE_INDEX,
-                          judge_score, pad_id)
+                          judge_score, pad_id, preference_dataset, collate_preference)
 from ftcourse.data import DatasetFormatError
 
 @pytest.fixture(scope='module')
@@ -83,3 +83,26 @@ def test_judge_score_counts_and_restores_padding_side(tiny, rows):
     side = tok.padding_side
     r = judge_score(m, tok, rows.select(range(4)), max_new_tokens=4, batch_size=3)
     assert len(r['responses']) == 4 and 0 <= r['score'] <= 1 and tok.padding_side == side
+
+def test_preference_pairs_are_two_sft_examples_and_drop_whole(tiny):
+    m, tok = tiny
+    prefs = load_course_dataset('preference', 'train').select(range(8))
+    pairs, rep = preference_dataset(prefs, tok, max_len=512, verbose=False)
+    assert rep.kept == len(pairs) == 8
+    for r, p in zip(prefs, pairs):
+        c = build_sft_example(tok, r['prompt'] + r['chosen'], 512)
+        assert (p['chosen_input_ids'], p['chosen_labels']) == (c['input_ids'], c['labels'])
+        assert tok.decode([t for t, l in zip(p['rejected_input_ids'], p['rejected_labels']) if l != IGNORE_INDEX]) == r['rejected'][0]['content'] + '<|im_end|>\n'
+    b = collate_preference(tok)(pairs[:3])
+    assert b['input_ids'].shape[0] == 6
+    for i, p in enumerate(pairs[:3]):   # chosen rows first, then rejected, each right-padded and masked
+        for row, k in ((i, 'chosen'), (i + 3, 'rejected')):
+            n = len(p[f'{k}_input_ids'])
+            assert b['input_ids'][row, :n].tolist() == p[f'{k}_input_ids'] and b['attention_mask'][row].sum() == n
+            assert (b['labels'][row, n:] == IGNORE_INDEX).all()
+    # a pair that does not fit whole is dropped and counted under its reason, never cut
+    long_answer = dict(prefs[0], rejected=[dict(role='assistant', content='y' * 600)])
+    long_prompt = dict(prefs[1], prompt=[dict(role='user', content='x' * 600)])
+    pairs, rep = preference_dataset([long_answer, prefs[2], long_prompt], tok, max_len=256, verbose=False)
+    assert rep.kept == 1 and rep.response_too_long == [0] and rep.prompt_too_long == [2] and '2 dropped' in str(rep)
+    with pytest.raises(DatasetFormatError, match='row 0'): preference_dataset([dict(prefs[0], chosen=[])], tok, verbose=False)
