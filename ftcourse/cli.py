@@ -13,11 +13,13 @@ import torch, torch.nn as nn
 from .core import DEFAULT_MODEL, load_model, set_seed, tiny_model
 
 # %% auto #0
-__all__ = ['METHODS', 'ADAPTERS', 'RunConfig', 'ConfigError', 'validate_config', 'load_config', 'config_yaml', 'check_output_dir',
-           'prepare_output_dir', 'write_csv', 'load_rows', 'base_model', 'merge_adapters', 'read_run_config',
-           'add_adapter', 'save_trainable', 'load_trainable', 'build_model', 'load_run', 'train_config', 'train_sft',
-           'run', 'PeakRSS', 'model_config', 'params_table', 'memory_table', 'chat_reply', 'cmd_chat', 'cmd_data',
-           'cmd_train', 'cmd_params', 'cmd_memory', 'build_parser', 'main']
+__all__ = ['METHODS', 'ADAPTERS', 'TOUR_ORDER', 'STRATEGIES', 'RunConfig', 'ConfigError', 'validate_config', 'load_config',
+           'config_yaml', 'check_output_dir', 'prepare_output_dir', 'write_csv', 'load_rows', 'base_model',
+           'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model',
+           'load_run', 'load_reward_run', 'train_config', 'train_sft', 'fit', 'run', 'PeakRSS', 'answer_logps',
+           'score_answers', 'preference_accuracy', 'evaluate_policy', 'tour_configs', 'tour', 'write_report',
+           'model_config', 'params_table', 'memory_table', 'chat_reply', 'cmd_chat', 'cmd_data', 'cmd_train',
+           'cmd_tour', 'cmd_params', 'cmd_memory', 'build_parser', 'main', 'per_gpu_memory']
 
 # %% ../nbs/10_capstone.ipynb #0bf64171
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
@@ -57,7 +59,7 @@ class RunConfig:
     overwrite:bool = _opt(False, "replace an existing run in output_dir")
     log_with:str|None = _opt(None, "Accelerate trackers to log to as well, comma-separated: tensorboard, wandb, ...")
 
-# %% ../nbs/10_capstone.ipynb #fc354cfd
+# %% ../nbs/10_capstone.ipynb #e8adef52
 class ConfigError(ValueError):
     "A configuration that cannot describe a run; raised before anything is loaded or trained."
 
@@ -104,8 +106,12 @@ def validate_config(cfg:RunConfig) -> RunConfig:
     if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}")
     if cfg.learning_rate <= 0: raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.method == 'ppo' and cfg.reward_model and not (Path(cfg.reward_model)/'config.yaml').exists():
-        raise ConfigError(f"reward_model={cfg.reward_model!r} is not a run folder (no config.yaml there)")
+    if cfg.method == 'ppo' and cfg.reward_model:
+        p = Path(cfg.reward_model)/'config.yaml'
+        if not p.exists(): raise ConfigError(f"reward_model={cfg.reward_model!r} is not a run folder (no config.yaml there)")
+        import yaml
+        m = (yaml.safe_load(p.read_text()) or {}).get('method')
+        if m != 'reward': raise ConfigError(f"reward_model={cfg.reward_model!r} is a {m} run, not a reward model")
     if cfg.base_run and not (Path(cfg.base_run)/'config.yaml').exists():
         raise ConfigError(f"base_run={cfg.base_run!r} is not a run folder (no config.yaml there)")
     return cfg
@@ -233,7 +239,7 @@ def add_adapter(model:nn.Module, cfg:RunConfig) -> nn.Module:
         quantize_lora_bases(model)
     return model
 
-# %% ../nbs/10_capstone.ipynb #3c5761f9
+# %% ../nbs/10_capstone.ipynb #d3270fc2
 def save_trainable(model:nn.Module, path:str|Path):
     "The trained parameters (those with `requires_grad`) as safetensors, written atomically."
     from safetensors.torch import save_file
@@ -269,12 +275,19 @@ def load_run(run_dir:str|Path, device='cpu'):
     cfg = read_run_config(run_dir)
     if cfg.method == 'reward': raise ConfigError(f"{run_dir} is a reward model, not a policy: load it with `load_reward_run`")
     model, tok = build_model(cfg, device)
-    load_trainable(model, Path(run_dir)/'trainable.safetensors', prefix=_POLICY_PREFIX.get(cfg.method, ''))
+    load_trainable(model, Path(run_dir)/'trainable.safetensors')
     return merge_adapters(model).requires_grad_(False).eval(), tok
 
-# %% ../nbs/10_capstone.ipynb #782f3ab5
-_POLICY_PREFIX = {}   # method -> where the policy's parameters sit inside what `train_<method>` trains (e.g. a wrapper)
+def load_reward_run(run_dir:str|Path, device='cpu'):
+    "A finished reward run's `RewardModel` (chapter 6), its adapters merged, and the tokenizer."
+    from ftcourse.reward import RewardModel
+    cfg = read_run_config(run_dir)
+    if cfg.method != 'reward': raise ConfigError(f"{run_dir} is a {cfg.method} run, not a reward model")
+    model, tok = build_model(cfg, device)
+    rm = load_trainable(RewardModel.from_causal_lm(model), Path(run_dir)/'trainable.safetensors')
+    return merge_adapters(rm).requires_grad_(False).eval(), tok
 
+# %% ../nbs/10_capstone.ipynb #26868dd4
 def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     "The training loop's settings for a run."
     from ftcourse.train import TrainConfig
@@ -291,26 +304,35 @@ def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, ma
     eval_data = sft_dataset(eval_rows, tok, max_len)[0] if eval_rows else None
     return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data)
 
-def _trainer(method:str):
-    "The chapter's `train_<method>` and the keyword arguments it takes from a `RunConfig`."
-    if method == 'sft': return train_sft, lambda c: dict(max_len=c.sequence_len)
-    raise ConfigError(f"method {method!r} is not available in this version of ftcourse")
+def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:
+    "Train `model` by `cfg.method` with its chapter's `train_<method>`; returns (the trained module, its history)."
+    if cfg.method == 'sft': return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len)
+    if cfg.method == 'reward':
+        from ftcourse.reward import RewardModel, train_reward
+        rm = RewardModel.from_causal_lm(model)
+        return rm, train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
+    if cfg.method == 'dpo':
+        from ftcourse.dpo import train_dpo
+        return model, train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed', max_len=cfg.sequence_len)
+    if cfg.method == 'orpo':
+        from ftcourse.orpo import train_orpo
+        return model, train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda, max_len=cfg.sequence_len)
+    raise ConfigError(f"method {cfg.method!r} is not available in this version of ftcourse")
 
-# %% ../nbs/10_capstone.ipynb #17229ec6
+# %% ../nbs/10_capstone.ipynb #cf08e17f
 def run(cfg:RunConfig, device=None) -> dict:
     "Train one run as `cfg` says; returns a summary (also written to `summary.json` in the run's folder)."
     from ftcourse.core import get_device
     from ftcourse.lora import count_trainable
     device = device or get_device()
-    fn, extra = _trainer(cfg.method)
     t0, mem = time.time(), PeakRSS()
     check_output_dir(cfg)
     train_rows, eval_rows = load_rows(cfg)       # a bad row stops the run here, before the folder is written
     out = prepare_output_dir(cfg)
     set_seed(cfg.seed)
     model, tok = build_model(cfg, device)
+    with mem: model, hist = fit(cfg, model, tok, train_rows, eval_rows, train_config(cfg, out))
     n_train = count_trainable(model)
-    with mem: hist = fn(model, tok, train_rows, eval_rows, train_config(cfg, out), **extra(cfg))
     from accelerate import PartialState
     summary = dict(method=cfg.method, adapter=cfg.adapter, trainable_params=n_train, steps=cfg.steps,
                    seconds=round(time.time() - t0, 1), peak_rss_increase_mb=round(mem.peak_increase / 2**20, 1),
@@ -339,7 +361,164 @@ class PeakRSS:
         self._peak = max(self._peak, self._p.memory_info().rss)
         self.peak_increase = self._peak - self._start
 
-# %% ../nbs/10_capstone.ipynb #06f05097
+# %% ../nbs/10_capstone.ipynb #3d4eeda2
+@torch.no_grad()
+def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one answer to each
+                 max_len:int=512, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
+    "log π(answer | prompt) of each row's answer under `model` (sum over the answer's tokens), and the token counts."
+    from ftcourse.sft import build_sft_example, collate_sft, prompt_messages
+    from ftcourse.dpo import token_logps
+    exs = [build_sft_example(tok, prompt_messages(r) + [dict(role='assistant', content=a)], max_len) for r, a in zip(rows, answers)]
+    col, dev, out, ns = collate_sft(tok), next(model.parameters()).device, [], []
+    was = model.training; model.eval()
+    try:
+        for i in range(0, len(exs), batch_size):
+            b = col([dict(input_ids=e['input_ids'], labels=e['labels']) for e in exs[i:i + batch_size]])
+            lp, mask = token_logps(model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits, b['labels'].to(dev))
+            out.append(lp.sum(-1).cpu()); ns.append(mask.sum(-1).cpu())
+    finally: model.train(was)
+    return torch.cat(out), torch.cat(ns)
+
+@torch.no_grad()
+def score_answers(rm, tok, rows, answers:list[str], max_len:int=512, batch_size:int=8) -> torch.Tensor:
+    "The reward model's score of each (prompt, answer)."
+    from ftcourse.sft import chat_ids, pad_sequences, pad_id, prompt_messages
+    ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])[:max_len] for r, a in zip(rows, answers)]
+    dev, out = next(rm.parameters()).device, []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        out.append(rm(pad_sequences(chunk, pad_id(tok)).to(dev), pad_sequences([[1] * len(c) for c in chunk], 0).to(dev)).cpu())
+    return torch.cat(out)
+
+@torch.no_grad()
+def preference_accuracy(model, tok, rows, max_len:int=128, batch_size:int=8) -> dict:
+    "Share of preference pairs whose chosen answer has the higher mean log-probability per token, and the mean gap."
+    from ftcourse.sft import preference_dataset
+    from ftcourse.dpo import collate_dpo, concatenated_logps
+    exs, col, dev = preference_dataset(rows, tok, max_len, verbose=False)[0], collate_dpo(tok), next(model.parameters()).device
+    c, r = [], []
+    was = model.training; model.eval()
+    try:
+        for i in range(0, len(exs), batch_size):
+            b = col(exs[i:i + batch_size])
+            lp = concatenated_logps(model, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}, average=True)
+            c.append(lp['chosen'].cpu()); r.append(lp['rejected'].cpu())
+    finally: model.train(was)
+    c, r = torch.cat(c), torch.cat(r)
+    return dict(pref_accuracy=(c > r).float().mean().item(), pref_margin=(c - r).mean().item(), n_pairs=len(c))
+
+def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column
+                    max_new_tokens:int=24, max_len:int=128) -> dict:
+    "Judge score, preference accuracy, answer length and KL to `start` of a policy; its answers are kept for the reward model."
+    from ftcourse.sft import judge_score
+    j = judge_score(model, tok, sft_rows, max_new_tokens)
+    res = dict(judge=j['score'], **preference_accuracy(model, tok, pref_rows, max_len), answers=j['responses'])
+    lp, n = answer_logps(model, tok, sft_rows, j['responses'])
+    res['answer_tokens'] = n.float().mean().item()
+    res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0
+    return res
+
+# %% ../nbs/10_capstone.ipynb #2567f392
+TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
+
+def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:int=0, device=None) -> dict[str, RunConfig]:
+    "The tour's five runs: SFT with LoRA; from the SFT model a reward model, PPO against it, DPO and ORPO."
+    from ftcourse.core import course_settings
+    s, out = course_settings(device), Path(out)
+    steps = dict(sft=2, reward=2, ppo=1, dpo=2, orpo=2) if quick else \
+            dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 5), dpo=s.steps, orpo=s.steps)
+    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-5, dpo=5e-4, orpo=5e-4)
+    common = dict(model=model, seed=seed, eval_every=0, n_eval=8 if quick else s.n_eval, batch_size=s.batch_size,
+                  sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora', ppo_max_new_tokens=s.max_new_tokens)
+    cfgs = {m: RunConfig(method=m, steps=steps[m], learning_rate=lrs[m], output_dir=str(out/m), **common) for m in TOUR_ORDER}
+    for m in ('reward', 'ppo', 'dpo', 'orpo'): cfgs[m].base_run = str(out/'sft')
+    cfgs['ppo'].reward_model = str(out/'reward')
+    return cfgs
+
+def tour(out:str|Path='runs/tour', # the report folder (it must not hold another tour unless `overwrite`)
+         model:str=DEFAULT_MODEL, # the base model (the packaged default needs no hub access)
+         quick:bool=False, # two steps per method and 8 held-out rows: a smoke test of the plumbing
+         overwrite:bool=False, seed:int=0, device=None) -> list[dict]:
+    "Run the whole pipeline and write `report.md`, `report.json` and plots to `out`; returns the report's rows."
+    from ftcourse.core import get_device, course_settings
+    from ftcourse.data import load_course_dataset
+    from ftcourse.reward import reward_metrics
+    device, out, t_start = device or get_device(), Path(out), time.time()
+    if out.exists() and any(out.iterdir()):
+        if not (out/'report.md').exists() and not (out/'tour.json').exists():
+            raise ConfigError(f"{out} holds files that are not a tour: choose another folder")
+        if not overwrite: raise ConfigError(f"{out} already holds a tour: choose another folder or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cfgs = tour_configs(out, model, quick, seed, device)
+    (out/'tour.json').write_text(json.dumps(dict(model=model, quick=quick, seed=seed, runs={m: asdict(c) for m, c in cfgs.items()}), indent=1))
+    n_eval, mnt, s = cfgs['sft'].n_eval, cfgs['ppo'].ppo_max_new_tokens, course_settings(device)
+    sft_rows = list(load_course_dataset('sft', 'test'))[:n_eval]
+    pref_rows = list(load_course_dataset('preference', 'test'))[:n_eval]
+    start, tok = base_model(model, device)
+    start.requires_grad_(False)
+    print(f"== evaluating the starting model ({model}) on {n_eval} held-out questions and pairs", flush=True)
+    rows = [dict(method='start', **evaluate_policy(start, tok, sft_rows, pref_rows, None, mnt, s.max_len),
+                 trainable_params=0, steps=0, train_seconds=0.0, peak_rss_increase_mb=0.0)]
+    hists, rm = {}, None
+    for m in TOUR_ORDER:
+        print(f"== {m}: {cfgs[m].steps} steps", flush=True)
+        res = run(cfgs[m], device)
+        hists[m] = list(res['history'])
+        info = dict(method=m, trainable_params=res['trainable_params'], steps=cfgs[m].steps, train_seconds=res['seconds'],
+                    peak_rss_increase_mb=res['peak_rss_increase_mb'])
+        if m == 'reward':
+            rm = res['model'].eval()
+            r = reward_metrics(rm, tok, pref_rows, batch_size=8, max_len=s.max_len)
+            rows.append(dict(info, rm_accuracy=r['accuracy'], rm_margin=r['margin']))
+        else:
+            rows.append(dict(info, **evaluate_policy(res['model'], tok, sft_rows, pref_rows, start, mnt, s.max_len)))
+        del res
+    for r in rows:       # every policy's answers scored by the same reward model
+        if 'answers' in r: r['reward'] = score_answers(rm, tok, sft_rows, r['answers']).mean().item()
+    write_report(out, rows, hists, sft_rows, dict(model=model, n_eval=n_eval, quick=quick, seconds=time.time() - t_start, device=str(device)))
+    return rows
+
+# %% ../nbs/10_capstone.ipynb #46641a2a
+def _fmt(v, spec):
+    return '—' if v is None else format(v, spec)
+
+def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict):
+    "report.md (the side-by-side table, plots, sample answers), report.json and the PNG plots, in `out`."
+    import matplotlib; import matplotlib.pyplot as plt
+    pol = [r for r in rows if 'judge' in r]
+    fig, axs = plt.subplots(1, 4, figsize=(15, 3.2))
+    for ax, (k, title) in zip(axs, [('judge', 'judge score (held-out)'), ('pref_accuracy', 'preference accuracy'),
+                                     ('reward', 'reward-model score'), ('kl', 'KL to the start (nats/answer)')]):
+        ax.bar([r['method'] for r in pol], [r.get(k) or 0 for r in pol], color=[f'C{i}' for i in range(len(pol))])
+        ax.set_title(title, fontsize=10); ax.tick_params(axis='x', labelsize=8)
+    fig.tight_layout(); fig.savefig(out/'metrics.png', dpi=110); plt.close(fig)
+    fig, axs = plt.subplots(1, len(hists), figsize=(3.2 * len(hists), 2.8))
+    for ax, (m, h) in zip(axs if len(hists) > 1 else [axs], hists.items()):
+        key = 'loss' if any('loss' in r for r in h) else next((k for k in ('mean_reward', 'reward') if any(k in r for r in h)), None)
+        if key: ax.plot(*zip(*[(r['step'], r[key]) for r in h if key in r]), marker='.')
+        ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step')
+    fig.tight_layout(); fig.savefig(out/'training.png', dpi=110); plt.close(fig)
+    lines = [f"# ftcourse tour: {meta['model']}", '',
+             f"SFT with LoRA, then from the SFT model a reward model, PPO, DPO and ORPO; every policy scored on the same "
+             f"{meta['n_eval']} held-out questions and preference pairs. Device: {meta['device']}. Whole tour: {meta['seconds']/60:.1f} min"
+             + (' (quick smoke-test settings: the numbers mean nothing)' if meta['quick'] else '') + '.', '',
+             '| method | judge | pref. accuracy | reward | KL to start | answer tokens | trainable params | steps | train time (s) | peak RSS increase (MB) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        acc = _fmt(r.get('pref_accuracy'), '.3f') if 'judge' in r else f"{r['rm_accuracy']:.3f} (reward model)"
+        lines.append(f"| {r['method']} | {_fmt(r.get('judge'), '.3f')} | {acc} | {_fmt(r.get('reward'), '.3f')} | {_fmt(r.get('kl'), '.2f')} | "
+                     f"{_fmt(r.get('answer_tokens'), '.1f')} | {r['trainable_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_increase_mb']:.0f} |")
+    lines += ['', '![held-out metrics](metrics.png)', '', '![training curves](training.png)', '', '## Sample answers', '']
+    for i, q in enumerate(sft_rows[:4]):
+        lines.append(f"**{q['messages'][0]['content']}** (expected: {q['answer']})"); lines.append('')
+        lines += [f"- {r['method']}: {r['answers'][i]!r}" for r in pol]; lines.append('')
+    lines += ['Each method\'s run folder (config.yaml, metrics.csv, trainable.safetensors) is next to this report; '
+              '`ftcourse chat --run <folder>` talks to a policy.']
+    (out/'report.md').write_text('\n'.join(lines) + '\n')
+    (out/'report.json').write_text(json.dumps(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != 'answers'} for r in rows]), indent=1))
+
+# %% ../nbs/10_capstone.ipynb #2bfd1b5f
 def model_config(name:str):
     "A model's config: one of chapter 3's known configs, 'tiny', a local folder/config.json, or a hub id."
     from ftcourse.lora import KNOWN_CONFIGS, as_config
@@ -373,7 +552,7 @@ def memory_table(name:str, batch_size:int=1, seq_len:int=512, r:int=16, grad_che
         rows.append(dict(method=m, **{k: e[k] / 2**30 for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')}, trainable=e['trainable']))
     return rows
 
-# %% ../nbs/10_capstone.ipynb #2029359a
+# %% ../nbs/10_capstone.ipynb #1b20361d
 def chat_reply(model, tok, messages:list[dict], # the conversation so far, as chat messages
                max_new_tokens:int=128, temperature:float=0.0, # 0: greedy decoding
                top_p:float=1.0, seed:int=0) -> str:
@@ -387,7 +566,7 @@ def chat_reply(model, tok, messages:list[dict], # the conversation so far, as ch
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/10_capstone.ipynb #40b1f455
+# %% ../nbs/10_capstone.ipynb #371bc4cd
 def cmd_chat(args):
     t0 = time.time()
     if args.run: model, tok = load_run(args.run); src = f"run {args.run}"
@@ -421,7 +600,13 @@ def cmd_train(args):
     cfg = load_config(args.config, over)
     if args.config and cfg.method != args.command:
         raise ConfigError(f"{args.config} describes a {cfg.method} run; run it with `ftcourse {cfg.method}`")
-    run(replace(cfg, method=args.command))
+    run(validate_config(replace(cfg, method=args.command)))
+    return 0
+
+def cmd_tour(args):
+    tour(args.out, args.model, args.quick, args.overwrite, args.seed)
+    report = (Path(args.out)/'report.md').read_text()
+    print(report.split('![held-out metrics]')[0].strip()); print(f"\nreport, plots and the five runs: {args.out}/")
     return 0
 
 def cmd_params(args):
@@ -439,7 +624,7 @@ def cmd_memory(args):
         print(f"{r['method']:8}" + ''.join(f"{r[k]:9.2f}" for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')) + f"{r['trainable']:14,}")
     return 0
 
-# %% ../nbs/10_capstone.ipynb #6363ba50
+# %% ../nbs/10_capstone.ipynb #25052b31
 def _add_run_flags(p):
     p.add_argument('--config', help='a YAML file with the run\'s options (flags override it)')
     hints = _hints()
@@ -457,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
                  orpo='odds-ratio preference optimisation, no reference model (chapter 9)')
     for m in METHODS:
         s = sub.add_parser(m, help=helps[m]); _add_run_flags(s); s.set_defaults(func=cmd_train)
+    t = sub.add_parser('tour', help='the whole pipeline (SFT, reward, PPO, DPO, ORPO) on the packaged model and data, with a report')
+    t.add_argument('--out', default='runs/tour', help='the report folder (default: %(default)s)')
+    t.add_argument('--model', default=DEFAULT_MODEL, help='base model (default: %(default)s, packaged: no hub access needed)')
+    t.add_argument('--quick', action='store_true', help='two steps per method on 8 held-out rows: checks the plumbing in a minute')
+    t.add_argument('--overwrite', action='store_true', help='replace a tour already in --out')
+    t.add_argument('--seed', type=int, default=0)
+    t.set_defaults(func=cmd_tour)
     c = sub.add_parser('chat', help='talk to a model or a finished run (default: the packaged SmolLM2-135M-Instruct, offline)')
     c.add_argument('--model', default=DEFAULT_MODEL, help='hub id or local folder (default: %(default)s)')
     c.add_argument('--run', help="a finished run's folder: chat with its trained model")
@@ -490,3 +682,20 @@ def main(argv:list[str]|None=None) -> int:
     try: return args.func(args)
     except (ConfigError, DatasetFormatError) as e:
         print(f"ftcourse {args.command}: error: {e}", file=sys.stderr); return 2
+
+# %% ../nbs/10_capstone.ipynb #4a135de0
+STRATEGIES = ('ddp', 'zero1', 'zero2', 'zero3')
+
+def per_gpu_memory(name:str, # a model config, as for `ftcourse params`
+                   n_gpus:int, strategy:str='ddp', # 'ddp', 'zero1', 'zero2' or 'zero3' (FSDP full shard)
+                   method:str='full', micro_batch_size:int=1, seq_len:int=2048, lora_r:int=16,
+                   dtype:str='bf16', grad_checkpointing:bool=True) -> dict:
+    "Estimated bytes per GPU for training `name` with `method` on `n_gpus` under `strategy` (chapter 4's terms, sharded)."
+    from ftcourse.quant import estimate_training_memory, LLAMA_LINEARS
+    if strategy not in STRATEGIES: raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    dt = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[dtype]
+    e = estimate_training_memory(model_config(name), method, micro_batch_size, seq_len, lora_r, LLAMA_LINEARS, dtype=dt,
+                                 grad_checkpointing=grad_checkpointing)
+    shard = dict(ddp=(), zero1=('optimizer',), zero2=('optimizer', 'gradients'), zero3=('optimizer', 'gradients', 'weights'))[strategy]
+    per = {k: e[k] / n_gpus if k in shard else e[k] for k in ('weights', 'gradients', 'optimizer', 'activations')}
+    return dict(per, total=sum(per.values()))

@@ -143,3 +143,26 @@ def test_two_processes_match_one_process(tmp_path):
     init = dict(tiny_model()[0].named_parameters())
     assert max((a[k] - init[k]).abs().max() for k in a) > 1e-4             # the weights moved...
     for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # ...the same way in both runs
+
+def test_reward_and_dpo_runs_chain_off_the_sft_run(tmp_path):
+    "reward and dpo from a finished SFT run (base_run): the SFT weights are merged in first, the run folders reload."
+    from ftcourse.cli import load_reward_run
+    from ftcourse.reward import reward_metrics
+    from ftcourse.core import load_course_dataset
+    assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-3, '--warmup-steps', 0, '--output-dir', tmp_path/'sft')[0] == 0
+    rc, out, err = cli('reward', *TINY, '--steps', 2, '--base-run', tmp_path/'sft', '--output-dir', tmp_path/'rm')
+    assert rc == 0, err
+    assert 'pairs kept' in out and 'dropped' in out       # the data report is shown, drops counted
+    rm, tok = load_reward_run(tmp_path/'rm')
+    saved = load_file(tmp_path/'rm'/'trainable.safetensors')
+    assert 'head.weight' in saved and torch.equal(rm.head.weight, saved['head.weight'])
+    rows = list(load_course_dataset('preference', 'test'))[:8]
+    assert 0 <= reward_metrics(rm, tok, rows)['accuracy'] <= 1
+    rc, out, err = cli('dpo', *TINY, '--steps', 2, '--beta', 0.2, '--base-run', tmp_path/'sft', '--output-dir', tmp_path/'dpo')
+    assert rc == 0, err
+    sft, _ = load_run(tmp_path/'sft'); dpo, _ = load_run(tmp_path/'dpo')
+    x = torch.randint(0, len(tok), (1, 10))
+    with torch.no_grad(): assert not torch.allclose(sft(x).logits, dpo(x).logits)   # DPO moved the SFT model
+    with pytest.raises(ConfigError, match='reward model, not a policy'): load_run(tmp_path/'rm')
+    rc, out, err = cli('ppo', *TINY, '--reward-model', tmp_path/'sft', '--output-dir', tmp_path/'ppo')
+    assert rc == 2 and 'is a sft run, not a reward model' in err, err
