@@ -1,0 +1,172 @@
+"""PPO pieces against hand-computed cases and plain reference loops on random inputs, and the behaviours the specification
+(PPO paper, "The N Implementation Details of RLHF with PPO", trl's last PPOTrainer) requires: KL = 0 and ratio = 1 at the
+first minibatch, padding after EOS inert, the reference = the base model."""
+import copy, math
+import pytest, torch
+from ftcourse.core import tiny_model, load_course_dataset
+from ftcourse.lora import apply_lora, lora_layers
+from ftcourse.ppo import (masked_mean, masked_var, masked_whiten, response_mask, kl_penalized_rewards, gae, policy_loss, value_loss,
+                          entropy_from_logits, adapters_disabled, ValueHead, forward_policy, PPOConfig, judge_reward,
+                          reward_model_reward, rollout, train_ppo)
+
+def rand(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+def lengths_mask(lengths, T): return (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+
+def test_whitening_matches_numpy_style_stats():
+    x, m = rand(5, 7), lengths_mask([7, 3, 1, 5, 2], 7)
+    v = x[m.bool()]
+    assert torch.allclose(masked_mean(x, m), v.mean()) and torch.allclose(masked_var(x, m), v.var(unbiased=True))
+    assert torch.allclose(masked_var(x, m, unbiased=False), v.var(unbiased=False))
+    w = masked_whiten(x, m)
+    assert torch.allclose(w[m.bool()], (v - v.mean()) / torch.sqrt(v.var() + 1e-8), atol=1e-6)
+    assert torch.allclose(masked_whiten(x, m, shift_mean=False)[m.bool()], (v - v.mean()) / torch.sqrt(v.var() + 1e-8) + v.mean(), atol=1e-6)
+
+def test_response_mask_includes_first_eos_only():
+    r = torch.tensor([[4, 2, 4, 2], [2, 5, 5, 5], [4, 4, 4, 4]])
+    assert response_mask(r, 2).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert response_mask(r, [5, 2]).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    out = []
+    for r, v, n in zip(rewards.tolist(), values.tolist(), lengths):
+        a, last = [0.0] * len(r), 0.0
+        for t in reversed(range(n)):
+            last = r[t] + gamma * (v[t + 1] if t + 1 < n else 0.0) - v[t] + gamma * lam * last
+            a[t] = last
+        out.append(a)
+    return torch.tensor(out)
+
+@pytest.mark.parametrize('gamma,lam', [(1.0, 0.95), (0.99, 0.0), (0.9, 1.0)])
+def test_gae_equals_reference_loop(gamma, lam):
+    lengths = [10, 1, 4, 7, 10, 3]
+    r, v, m = rand(6, 10, seed=1), rand(6, 10, seed=2), lengths_mask(lengths, 10)
+    adv, ret = gae(r, v, m, gamma, lam)
+    assert torch.allclose(adv, gae_loop(r, v, lengths, gamma, lam).float(), atol=1e-5)
+    assert torch.allclose(ret, (adv + v) * m, atol=1e-6)
+
+def test_gae_by_hand():
+    adv, ret = gae(torch.tensor([[0., 0., 1.]]), torch.tensor([[.5, .5, .5]]), torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(adv, torch.full((1, 3), .5)) and torch.allclose(ret, torch.ones(1, 3))
+    adv, _ = gae(torch.tensor([[0., 0., 1.]]), torch.tensor([[.5, .5, .5]]), torch.ones(1, 3), 1.0, 0.0)
+    assert torch.allclose(adv, torch.tensor([[0., 0., .5]]))
+    adv, _ = gae(torch.tensor([[1., 1.]]), torch.zeros(1, 2), torch.ones(1, 2), 0.5, 1.0)   # discounting: 1 + 0.5*1
+    assert torch.allclose(adv, torch.tensor([[1.5, 1.]]))
+
+def test_kl_penalized_rewards_by_hand_and_loop():
+    scores, lp, rlp = rand(5, seed=3), rand(5, 6, seed=4), rand(5, 6, seed=5)
+    lengths = [6, 2, 1, 4, 5]; m = lengths_mask(lengths, 6)
+    rw, kl = kl_penalized_rewards(scores, lp, rlp, m, 0.1)
+    for b, n in enumerate(lengths):
+        for t in range(6):
+            want = (-0.1 * (lp[b, t] - rlp[b, t]) + (scores[b] if t == n - 1 else 0)) if t < n else 0.0
+            assert abs(rw[b, t] - want) < 1e-6
+    assert torch.allclose(kl.sum(1), ((lp - rlp) * m).sum(1))
+
+def loop_losses(new, old, A, v, vo, G, m, eps=0.2, epsv=0.2):
+    pl = vl = 0.0; n = 0
+    for b in range(new.shape[0]):
+        for t in range(new.shape[1]):
+            if not m[b, t]: continue
+            rho = math.exp(new[b, t] - old[b, t]); a = A[b, t].item()
+            pl += max(-a * rho, -a * min(max(rho, 1 - eps), 1 + eps))
+            vc = vo[b, t].item() + min(max(v[b, t].item() - vo[b, t].item(), -epsv), epsv)
+            vl += 0.5 * max((v[b, t].item() - G[b, t].item()) ** 2, (vc - G[b, t].item()) ** 2); n += 1
+    return pl / n, vl / n
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_policy_and_value_loss_equal_loop(seed):
+    new, old = rand(4, 8, seed=seed, scale=.4), rand(4, 8, seed=seed + 10, scale=.4)
+    A, v, vo, G = rand(4, 8, seed=seed + 20), rand(4, 8, seed=seed + 30), rand(4, 8, seed=seed + 40), rand(4, 8, seed=seed + 50)
+    m = lengths_mask([8, 5, 1, 3], 8)
+    pl, vl = loop_losses(new, old, A, v, vo, G, m)
+    p, ps = policy_loss(new, old, A, m); q, qs = value_loss(v, vo, G, m)
+    assert abs(p.item() - pl) < 1e-5 and abs(q.item() - vl) < 1e-5
+    assert 0 < ps['clipfrac'] < 1 and 0 < qs['vf_clipfrac'] < 1             # both branches exercised
+
+def test_policy_loss_by_hand_and_gradient_zero_when_clipped():
+    new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
+    A = torch.tensor([[1., -1., 1., -1.]])
+    for i, (want, clipped) in enumerate([(-1.2, True), (1.5, False), (-0.5, False), (0.8, True)]):
+        mi = torch.zeros(1, 4); mi[0, i] = 1
+        loss, st = policy_loss(new, torch.zeros(1, 4), A, mi, 0.2)
+        g, = torch.autograd.grad(loss, new)
+        assert abs(loss.item() - want) < 1e-6 and (g[0, i] == 0) == clipped and st['clipfrac'] == float(clipped)
+
+def test_ratio_one_and_kl_zero_at_equal_policies():
+    lp = rand(3, 5); A = rand(3, 5, seed=1); m = lengths_mask([5, 2, 4], 5)
+    _, st = policy_loss(lp, lp.clone(), A, m)
+    assert st['ratio'] == 1.0 and st['approx_kl'] == 0.0 and st['clipfrac'] == 0.0
+
+def test_entropy():
+    z = rand(4, 11)
+    assert torch.allclose(entropy_from_logits(z), torch.distributions.Categorical(logits=z).entropy(), atol=1e-6)
+
+def test_padding_after_eos_is_inert():
+    resp = torch.tensor([[7, 8, 2, 5, 5, 5], [7, 2, 9, 9, 9, 9], [7, 7, 7, 7, 7, 7]]); m = response_mask(resp, 2)
+    lp, rlp, vals = rand(3, 6, seed=1), rand(3, 6, seed=2), rand(3, 6, seed=3)
+    noise = rand(3, 6, seed=4, scale=50) * (1 - m)
+    def run(lp, rlp, vals):
+        rw, _ = kl_penalized_rewards(torch.tensor([1., -1., .5]), lp * m, rlp * m, m, 0.05)
+        adv, ret = gae(rw, vals, m); adv = masked_whiten(adv, m) * m
+        return adv, ret, policy_loss(lp, lp.detach() - .1, adv, m)[0], value_loss(vals, vals + .1, ret, m)[0]
+    for a, b in zip(run(lp, rlp, vals), run(lp + noise, rlp - noise, vals + noise)): assert torch.allclose(a, b)
+
+def test_adapters_disabled_is_the_base_model():
+    model, tok = tiny_model(); base = copy.deepcopy(model)
+    apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+    for l in lora_layers(model).values(): torch.nn.init.normal_(l.lora_B, std=0.05)
+    ids = torch.tensor([tok.encode('some text')])
+    with torch.no_grad():
+        with adapters_disabled(model): assert torch.equal(model(ids).logits, base(ids).logits)
+        assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-4)
+    with pytest.raises(ValueError): 
+        with adapters_disabled(base): pass
+
+def test_forward_policy_logprobs_equal_full_logits():
+    "Log-probs from the one-pass forward equal log_softmax of the model's own logits at the response positions (left-padded prompts)."
+    model, tok = tiny_model(); vh = ValueHead(model.config.hidden_size)
+    rows = list(load_course_dataset('sft', 'train').select(range(3)))
+    ro = rollout(model, tok, rows, PPOConfig(max_new_tokens=5, temperature=1.0), torch.Generator().manual_seed(0))
+    ids, mask, P = ro['ids'], ro['mask'], ro['n_prompt']
+    with torch.no_grad():
+        out = forward_policy(model, vh, ids, mask, P, temperature=0.7)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=pos).logits[:, P - 1:-1] / 0.7
+        want = logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    assert torch.allclose(out['logprobs'], want, atol=1e-5) and out['values'].shape == want.shape
+    pm = ro['mask'][:, :P]
+    assert (pm[:, -1] == 1).all() and torch.equal(pm.cummax(-1).values, pm) and (pm == 0).any()   # left-padded prompts
+
+@pytest.fixture(scope='module')
+def run():
+    model, tok = tiny_model(); apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+    rows = list(load_course_dataset('sft', 'train').select(range(12)))
+    reward = lambda rows, responses: torch.tensor([len(a) / 10 for a in responses])
+    cfg = PPOConfig(iterations=3, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-2, progress=False)
+    return model, tok, rows, train_ppo(model, tok, rows, reward, cfg)
+
+def test_train_ppo_kl_zero_ratio_one_then_moves(run):
+    model, tok, rows, h = run
+    assert len(h) == 3 and h[0]['kl'] == 0.0
+    assert all(r['first_ratio'] == 1.0 and r['first_approx_kl'] == 0.0 for r in h)
+    assert h[-1]['kl'] != 0.0 and any(r['ratio'] != 1.0 for r in h)
+    assert {'reward', 'kl', 'response_len', 'pg_loss', 'vf_loss', 'entropy', 'clipfrac', 'approx_kl', 'seconds'} <= set(h[0])
+    assert len(h.rollouts) == 3 and len(h.rollouts[0]['responses']) == 4
+    assert all(l.scaling == l.alpha / l.r for l in lora_layers(model).values())     # adapters back on
+
+def test_full_finetune_uses_frozen_copy_and_bad_config():
+    model, tok = tiny_model()
+    rows = list(load_course_dataset('sft', 'train').select(range(4)))
+    h = train_ppo(model, tok, rows, judge_reward, PPOConfig(iterations=1, batch_size=2, mini_batch_size=1, max_new_tokens=3, progress=False))
+    assert h[0]['kl'] == 0.0
+    with pytest.raises(ValueError): train_ppo(model, tok, rows, judge_reward, PPOConfig(batch_size=3, mini_batch_size=2))
+
+def test_reward_fns():
+    from ftcourse.reward import RewardModel
+    rows = list(load_course_dataset('sft', 'train').select(range(3)))
+    assert judge_reward(rows, [rows[0]['answer'], 'no', rows[2]['messages'][-1]['content']]).tolist() == [1.0, 0.0, 1.0]
+    model, tok = tiny_model(); rm = RewardModel.from_causal_lm(model)
+    s = reward_model_reward(rm, tok, batch_size=2)(rows, ['a', 'bb', 'ccc'])
+    assert s.shape == (3,) and torch.isfinite(s).all()
