@@ -166,3 +166,28 @@ def test_reward_and_dpo_runs_chain_off_the_sft_run(tmp_path):
     with pytest.raises(ConfigError, match='reward model, not a policy'): load_run(tmp_path/'rm')
     rc, out, err = cli('ppo', *TINY, '--reward-model', tmp_path/'sft', '--output-dir', tmp_path/'ppo')
     assert rc == 2 and 'is a sft run, not a reward model' in err, err
+
+def test_tour_quick_writes_the_report_and_every_run(tmp_path):
+    "The whole pipeline on the tiny model (2 steps per method): every run folder, the side-by-side report, the plots."
+    out = tmp_path/'tour'
+    rc, stdout, err = cli('tour', '--model', 'tiny', '--quick', '--out', out)
+    assert rc == 0, err
+    rep = json.loads((out/'report.json').read_text())
+    methods = [r['method'] for r in rep['rows']]
+    assert methods == ['start', 'sft', 'reward', 'ppo', 'dpo', 'orpo']
+    for r in rep['rows'][1:]:
+        saved = load_file(out/r['method']/'trainable.safetensors')
+        assert r['trainable_params'] == sum(t.numel() for t in saved.values()) > 0
+        assert r['peak_mb'] > 0 and (out/r['method']/'metrics.csv').exists()
+        assert read_run_config(out/r['method']).method == r['method']
+    for r in rep['rows']:
+        if r['method'] != 'reward':
+            assert 0 <= r['judge'] <= 1 and 0 <= r['pref_accuracy'] <= 1 and isinstance(r['reward'], float)
+    assert rep['rows'][0]['kl'] == 0 and all(r['kl'] != 0 for r in rep['rows'] if r['method'] in ('sft', 'dpo', 'orpo'))
+    assert (out/'ppo'/'value_head.safetensors').exists()
+    assert read_run_config(out/'ppo').reward_model == str(out/'reward') and read_run_config(out/'dpo').base_run == str(out/'sft')
+    md = (out/'report.md').read_text()
+    assert md.count('\n| ') == 7 and '(metrics.png)' in md and (out/'metrics.png').stat().st_size > 10_000 and (out/'training.png').exists()
+    assert '| method | judge |' in stdout
+    rc, stdout, err = cli('tour', '--model', 'tiny', '--quick', '--out', out)
+    assert rc == 2 and 'already holds a tour' in err
