@@ -17,9 +17,9 @@ __all__ = ['METHODS', 'ADAPTERS', 'TOUR_ORDER', 'STRATEGIES', 'RunConfig', 'Conf
            'config_yaml', 'check_output_dir', 'prepare_output_dir', 'read_csv', 'write_csv', 'load_rows', 'base_model',
            'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model',
            'load_run', 'load_reward_run', 'train_config', 'train_sft', 'fit', 'run', 'PeakRSS', 'answer_logps',
-           'score_answers', 'preference_accuracy', 'evaluate_policy', 'tour_configs', 'tour', 'write_report',
-           'model_config', 'params_table', 'memory_table', 'chat_reply', 'cmd_chat', 'cmd_data', 'cmd_train',
-           'cmd_tour', 'cmd_params', 'cmd_memory', 'build_parser', 'main', 'per_gpu_memory']
+           'preference_accuracy', 'evaluate_policy', 'tour_configs', 'tour', 'write_report', 'model_config',
+           'params_table', 'memory_table', 'chat_reply', 'cmd_chat', 'cmd_data', 'cmd_train', 'cmd_tour', 'cmd_params',
+           'cmd_memory', 'build_parser', 'main', 'per_gpu_memory']
 
 # %% ../nbs/10_capstone.ipynb #6d85cebf
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
@@ -383,7 +383,7 @@ class PeakRSS:
         self._peak = max(self._peak, self._p.memory_info().rss)
         self.peak_increase = self._peak - self._start
 
-# %% ../nbs/10_capstone.ipynb #3d4eeda2
+# %% ../nbs/10_capstone.ipynb #f003eb3b
 @torch.no_grad()
 def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one answer to each
                  max_len:int=512, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,17 +400,6 @@ def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one an
             out.append(lp.sum(-1).cpu()); ns.append(mask.sum(-1).cpu())
     finally: model.train(was)
     return torch.cat(out), torch.cat(ns)
-
-@torch.no_grad()
-def score_answers(rm, tok, rows, answers:list[str], max_len:int=512, batch_size:int=8) -> torch.Tensor:
-    "The reward model's score of each (prompt, answer)."
-    from ftcourse.sft import chat_ids, pad_sequences, pad_id, prompt_messages
-    ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])[:max_len] for r, a in zip(rows, answers)]
-    dev, out = next(rm.parameters()).device, []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        out.append(rm(pad_sequences(chunk, pad_id(tok)).to(dev), pad_sequences([[1] * len(c) for c in chunk], 0).to(dev)).cpu())
-    return torch.cat(out)
 
 @torch.no_grad()
 def preference_accuracy(model, tok, rows, max_len:int=128, batch_size:int=8) -> dict:
@@ -440,7 +429,7 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0
     return res
 
-# %% ../nbs/10_capstone.ipynb #5e6d15af
+# %% ../nbs/10_capstone.ipynb #6f33ccd6
 TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
 
 def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:int=0, device=None) -> dict[str, RunConfig]:
@@ -465,6 +454,7 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
     from ftcourse.core import get_device, course_settings
     from ftcourse.data import load_course_dataset
     from ftcourse.reward import reward_metrics
+    from ftcourse.ppo import reward_model_reward
     device, out, t_start = device or get_device(), Path(out), time.time()
     if out.exists() and any(out.iterdir()):
         if not (out/'report.md').exists() and not (out/'tour.json').exists():
@@ -502,7 +492,7 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
             rows.append(dict(info, **evaluate_policy(policy, tok, sft_rows, pref_rows, start, mnt, s.max_len)))
             del policy
     for r in rows:       # every policy's answers scored by the same reward model
-        if 'answers' in r: r['reward'] = score_answers(rm, tok, sft_rows, r['answers']).mean().item()
+        if 'answers' in r: r['reward'] = reward_model_reward(rm, tok)(sft_rows, r['answers']).mean().item()
     write_report(out, rows, hists, sft_rows, dict(model=model, n_eval=n_eval, quick=quick, seconds=time.time() - t_start, device=str(device)))
     return rows
 
