@@ -47,7 +47,7 @@ def sequence_logps(logits:torch.Tensor, # (N, T, V) next-token logits
     s = lp.sum(-1)
     return s / mask.sum(-1).clamp(min=1) if average else s
 
-# %% ../nbs/08_dpo.ipynb #91267b33
+# %% ../nbs/08_dpo.ipynb #63e9d11c
 def answer_span(labels:torch.Tensor) -> tuple[int, int]:
     "The positions `lo:hi` whose logits predict some answer token in the batch (labels shifted by one)."
     cols = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
@@ -75,7 +75,7 @@ def concatenated_logps(model, batch:dict, # `input_ids`, `attention_mask`, `labe
     c, r = s.chunk(2); nc, nr = n.chunk(2)
     return dict(chosen=c, rejected=r, n_chosen=nc, n_rejected=nr, token_logps=lp, mask=mask)
 
-# %% ../nbs/08_dpo.ipynb #c7c7981f
+# %% ../nbs/08_dpo.ipynb #d8899c1a
 def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
              policy_rejected:torch.Tensor, # log π_θ(y_l|x)
              ref_chosen:torch.Tensor, # log π_ref(y_w|x)
@@ -94,7 +94,7 @@ def pair_metrics(chosen_rewards:torch.Tensor, rejected_rewards:torch.Tensor) -> 
                 accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
                 margin=(chosen_rewards - rejected_rewards).mean().item())
 
-# %% ../nbs/08_dpo.ipynb #d65c2f4c
+# %% ../nbs/08_dpo.ipynb #88bce164
 @contextmanager
 def disable_adapters(model:nn.Module # a model with `LoRALinear` layers (none: this does nothing)
                     ):
@@ -142,7 +142,7 @@ def frozen_copy(model:nn.Module) -> nn.Module:
     for p in ref.parameters(): p.requires_grad_(False)
     return ref
 
-# %% ../nbs/08_dpo.ipynb #5a87a5ca
+# %% ../nbs/08_dpo.ipynb #f90641af
 def reference_logps(model, batch:dict, ref_model:nn.Module|None=None) -> tuple[torch.Tensor, torch.Tensor]:
     "Reference log-probs of the batch's chosen and rejected answers: precomputed in `batch`, from `ref_model`, or adapters off."
     if 'ref_chosen_logps' in batch: return batch['ref_chosen_logps'], batch['ref_rejected_logps']
@@ -166,7 +166,7 @@ def dpo_loss_fn(beta:float=0.1, # the KL coefficient β
                           rejected_logps=lp['rejected'].detach().mean().item(), **m)
     return loss_fn
 
-# %% ../nbs/08_dpo.ipynb #4e52d59d
+# %% ../nbs/08_dpo.ipynb #efa42cae
 TRL_DPO_METRICS = dict(chosen_reward='rewards/chosen', rejected_reward='rewards/rejected', accuracy='rewards/accuracies',
                        margin='rewards/margins', chosen_logps='logps/chosen', rejected_logps='logps/rejected')
 
@@ -196,7 +196,7 @@ def compare_metrics(ours:dict, theirs:dict, names:dict) -> dict:
     "`{our name: (ours, theirs, |difference|)}` for each pair of names in `names` (ours -> theirs)."
     return {k: (ours[k], theirs[t], abs(ours[k] - theirs[t])) for k, t in names.items()}
 
-# %% ../nbs/08_dpo.ipynb #21aaa537
+# %% ../nbs/08_dpo.ipynb #b326b935
 @torch.no_grad()
 def evaluate_pairs(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)` with `n_items` in the metrics
                    examples:list[dict], collate_fn, batch_size:int=8) -> dict:
@@ -250,7 +250,7 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
         return {**out, **(eval_fn(m) if eval_fn is not None else {})}
     return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if (evs is not None or eval_fn is not None) else None)
 
-# %% ../nbs/08_dpo.ipynb #6d90942a
+# %% ../nbs/08_dpo.ipynb #20c01370
 @torch.no_grad()
 def preference_metrics(model, tok, rows, # the trained model, its tokenizer, held-out preference rows (or examples)
                        ref='adapters', # 'adapters' (LoRA disabled), a reference model, or 'precomputed' (in the examples)

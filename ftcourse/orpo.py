@@ -29,7 +29,7 @@ def log_odds(logp:torch.Tensor # log P(y|x), length-normalised, ≤ 0
     "log(p / (1 − p)) from log p."
     return logp - log1mexp(logp)
 
-# %% ../nbs/09_orpo.ipynb #e9958005
+# %% ../nbs/09_orpo.ipynb #7098597a
 def orpo_loss(chosen_logps:torch.Tensor, # length-normalised log P_θ(y_w|x), shape (B,)
               rejected_logps:torch.Tensor, # length-normalised log P_θ(y_l|x)
               nll:torch.Tensor, # the SFT term: NLL of the chosen answers (a scalar)
@@ -43,7 +43,7 @@ def orpo_loss(chosen_logps:torch.Tensor, # length-normalised log P_θ(y_w|x), sh
     return loss, dict(chosen_rewards=lam * chosen_logps.detach(), rejected_rewards=lam * rejected_logps.detach(),
                       log_odds_ratio=ratio.detach().mean(), log_odds_chosen=log_or.detach().mean())
 
-# %% ../nbs/09_orpo.ipynb #60a0b689
+# %% ../nbs/09_orpo.ipynb #348b6368
 def orpo_loss_fn(lam:float=0.1, # λ, the weight of the odds-ratio term
                  nll_on:str='answer', # 'answer': the chosen answer's tokens (the paper); 'sequence': prompt too (trl)
                 ):
@@ -54,14 +54,14 @@ def orpo_loss_fn(lam:float=0.1, # λ, the weight of the odds-ratio term
             lp = concatenated_logps(model, batch, average=True)
             B = len(lp['chosen'])
             nll = -lp['token_logps'][:B].sum() / lp['mask'][:B].sum().clamp(min=1)
-        else:
+        else:   # one log-softmax over every position: the answer's labels are the input ids where they are not -100
             ids, am = batch['input_ids'], batch['attention_mask']
             logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
-            tl, mask = token_logps(logits, batch['labels']); n = mask.sum(-1)
-            avg = tl.sum(-1) / n.clamp(min=1); B = len(ids) // 2
+            tl, seq_mask = token_logps(logits, ids.masked_fill(am == 0, IGNORE_INDEX))
+            mask = batch['labels'][:, 1:] != IGNORE_INDEX; n = mask.sum(-1)
+            avg = (tl * mask).sum(-1) / n.clamp(min=1); B = len(ids) // 2
             lp = dict(chosen=avg[:B], rejected=avg[B:])
-            seq_tl, seq_mask = token_logps(logits[:B], ids[:B].masked_fill(am[:B] == 0, IGNORE_INDEX))
-            nll = -seq_tl.sum() / seq_mask.sum()
+            nll = -tl[:B].sum() / seq_mask[:B].sum()
         loss, aux = orpo_loss(lp['chosen'], lp['rejected'], nll, lam)
         return loss, dict(loss=loss.item(), n_items=B, nll=nll.item(), log_odds_ratio=aux['log_odds_ratio'].item(),
                           log_odds_chosen=aux['log_odds_chosen'].item(), chosen_logps=lp['chosen'].detach().mean().item(),
@@ -69,7 +69,7 @@ def orpo_loss_fn(lam:float=0.1, # λ, the weight of the odds-ratio term
                           **pair_metrics(aux['chosen_rewards'], aux['rejected_rewards']))
     return loss_fn
 
-# %% ../nbs/09_orpo.ipynb #156aec7e
+# %% ../nbs/09_orpo.ipynb #b096e2eb
 TRL_ORPO_METRICS = dict(chosen_reward='rewards/chosen', rejected_reward='rewards/rejected', accuracy='rewards/accuracies',
                         margin='rewards/margins', chosen_logps='logps/chosen', rejected_logps='logps/rejected', nll='nll_loss',
                         log_odds_ratio='log_odds_ratio', log_odds_chosen='log_odds_chosen')
@@ -93,7 +93,7 @@ def trl_orpo_batch(batch:dict) -> dict:
     return {f'{side}_{k}': v[sl] for side, sl in (('chosen', slice(0, B)), ('rejected', slice(B, None)))
             for k, v in (('input_ids', batch['input_ids']), ('attention_mask', batch['attention_mask']), ('labels', batch['labels']))}
 
-# %% ../nbs/09_orpo.ipynb #6cf37cf0
+# %% ../nbs/09_orpo.ipynb #0847d297
 def train_orpo(model, tok, train_rows, # the model (LoRA applied or not), its tokenizer, preference rows (or examples)
                eval_rows=None, # held-out preference rows, scored at cfg.eval_every
                cfg:TrainConfig|None=None, # the loop's settings (steps, batch_size in pairs, lr, ...)
@@ -113,7 +113,7 @@ def train_orpo(model, tok, train_rows, # the model (LoRA applied or not), its to
         return {**out, **(eval_fn(m) if eval_fn is not None else {})}
     return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if (evs is not None or eval_fn is not None) else None)
 
-# %% ../nbs/09_orpo.ipynb #28b83000
+# %% ../nbs/09_orpo.ipynb #74524055
 def step_memory(model, loss_fn, batch:dict, # the policy, a `loss_fn(model, batch)`, one collated batch
                 ref_model:nn.Module|None=None, # a reference held beside the policy (its weights are counted)
                ) -> dict:
