@@ -152,7 +152,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.v.weight); nn.init.zeros_(self.v.bias)   # V = 0 at the start: no made-up baseline
     def forward(self, h): return self.v(h).squeeze(-1).float()
 
-# %% ../nbs/07_ppo.ipynb #7971d171
+# %% ../nbs/07_ppo.ipynb #4b08a242
 def positions(mask:torch.Tensor) -> torch.Tensor:
     "Position ids that skip left padding (the same rule as `ftcourse.generate.generate`)."
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -173,7 +173,7 @@ def forward_policy(model, value_head:ValueHead|None, # the causal LM (and the cr
     if entropy: out['entropy'] = entropy_from_logits(logits)
     return out
 
-# %% ../nbs/07_ppo.ipynb #29aba7d4
+# %% ../nbs/07_ppo.ipynb #5752c670
 @dataclass
 class PPOConfig:
     iterations:int = 8                 # rollout-then-update rounds
@@ -199,7 +199,7 @@ class PPOConfig:
     seed:int = 0                       # prompts order, sampling, minibatch order
     progress:bool = True               # print one line per iteration
 
-# %% ../nbs/07_ppo.ipynb #9cbf06a5
+# %% ../nbs/07_ppo.ipynb #ca86704f
 def judge_reward(rows:list[dict], responses:list[str]) -> torch.Tensor:
     "The rule-based reward: `ftcourse.data.judge` (1.0 when the response ends with the row's answer, else 0.0)."
     return torch.tensor([judge(r, a) for r, a in zip(rows, responses)])
@@ -220,7 +220,7 @@ def reward_model_reward(rm, tok, batch_size:int=8):
         return torch.cat(out)
     return reward_fn
 
-# %% ../nbs/07_ppo.ipynb #10932dec
+# %% ../nbs/07_ppo.ipynb #1bbf2ad5
 @torch.no_grad()
 def rollout(model, tok, rows:list[dict], cfg:PPOConfig, generator:torch.Generator|None=None) -> dict:
     "Sample one response per prompt: ids (prompt left-padded + response), attention mask, response mask, texts."
@@ -237,7 +237,7 @@ def rollout(model, tok, rows:list[dict], cfg:PPOConfig, generator:torch.Generato
     ended = (resp == tok.eos_token_id).any(1)
     return dict(ids=ids, mask=torch.cat([pm, rmask], 1), response_mask=rmask, n_prompt=x.shape[1], texts=texts, ended=ended)
 
-# %% ../nbs/07_ppo.ipynb #97031ca3
+# %% ../nbs/07_ppo.ipynb #b9e55b7e
 def train_ppo(policy, # a causal LM; with LoRA layers, the reference is the same model with adapters disabled
               tok, prompt_rows, # rows with a prompt (`prompt` or `messages`), and what `reward_fn` needs (e.g. `answer`)
               reward_fn, # `reward_fn(rows, responses:list[str]) -> (B,) tensor` of scores, e.g. `judge_reward`

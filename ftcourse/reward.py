@@ -93,7 +93,7 @@ class RewardModel(nn.Module):
             with torch.no_grad(): params[n].copy_(t)
         return self
 
-# %% ../nbs/06_reward.ipynb #96a6a53a
+# %% ../nbs/06_reward.ipynb #64c46a4e
 def reward_loss(chosen:torch.Tensor, # (B,) rewards of the chosen responses
                 rejected:torch.Tensor, # (B,) rewards of the rejected responses
                 margin:float|torch.Tensor|None=None, # optional required gap: -log σ(r_c - r_r - margin)
@@ -107,7 +107,7 @@ def pair_metrics(chosen:torch.Tensor, rejected:torch.Tensor) -> dict:
     "Accuracy (share of pairs with r_chosen > r_rejected, ties count as wrong) and mean margin r_chosen - r_rejected."
     return dict(accuracy=(chosen > rejected).float().mean().item(), margin=(chosen - rejected).mean().item())
 
-# %% ../nbs/06_reward.ipynb #49d93f41
+# %% ../nbs/06_reward.ipynb #6b8e4913
 def reward_loss_fn(rm, batch:dict, # from `collate_preference`: (2B, T), the B chosen rows first
                    margin:float|None=None, # a constant margin; a batch's own `margin` tensor (per pair) wins
                   ) -> tuple[torch.Tensor, dict]:
@@ -117,7 +117,7 @@ def reward_loss_fn(rm, batch:dict, # from `collate_preference`: (2B, T), the B c
     loss = reward_loss(chosen, rejected, batch.get('margin', margin))
     return loss, dict(loss=loss.item(), n_items=len(chosen), **pair_metrics(chosen.detach(), rejected.detach()))
 
-# %% ../nbs/06_reward.ipynb #fc90b38e
+# %% ../nbs/06_reward.ipynb #2bb0a7d1
 @torch.no_grad()
 def score_pairs(rm, examples:list[dict], tok, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
     "Rewards of the chosen and of the rejected response of every pair, in the order given; (N,) each, on the CPU."
@@ -141,7 +141,7 @@ def reward_metrics(rm, tok, rows, # preference rows (dicts or a `datasets.Datase
     c, r = score_pairs(rm, exs, tok, batch_size)
     return dict(n=len(c), loss=reward_loss(c, r, margin).item(), **pair_metrics(c, r), chosen=c.tolist(), rejected=r.tolist())
 
-# %% ../nbs/06_reward.ipynb #e8d57b19
+# %% ../nbs/06_reward.ipynb #483d1294
 def train_reward(model_or_rm, # a `RewardModel`, or a causal LM (LoRA applied or not) that gets wrapped in one
                  tok, train_rows, # preference rows (dicts or a `datasets.Dataset`)
                  eval_rows=None, # validation rows; None: hold out `val_size` of `train_rows` (0: no validation)
