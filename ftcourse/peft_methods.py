@@ -98,7 +98,7 @@ def copy_dora_from_peft(model:nn.Module,     # a model after `apply_dora`
         for n, layer in lora_layers(model).items(): layer.lora_magnitude.copy_(mags[n])
     return model
 
-# %% ../nbs/03a_peft_methods.ipynb #7aee0cb4
+# %% ../nbs/03a_peft_methods.ipynb #135e0ea1
 def virtual_labels(logits:torch.Tensor, # (batch, n + T, vocab): the output, with n virtual positions in front
                    labels:torch.Tensor  # (batch, T): the batch's labels
                   ) -> torch.Tensor:
@@ -153,6 +153,7 @@ class SoftPrompt(VirtualTokens):
         emb = self.model.get_input_embeddings()(input_ids)
         p = self.prompts().to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
         if attention_mask is not None: attention_mask = self.virtual_mask(attention_mask)
+        if kwargs.get('labels') is not None: kwargs['labels'] = F.pad(kwargs['labels'], (self.n_virtual, 0), value=IGNORE_INDEX)
         return self.model(inputs_embeds=torch.cat([p, emb], dim=1), attention_mask=attention_mask, **kwargs)
 
     def virtual_cache(self, batch_size:int):

@@ -56,6 +56,7 @@ def test_same_as_peft(method):
     assert (o - t.logits).abs().max() <= 1e-5   # bit-exact on the machines we ran on; 1e-5 allows another BLAS
     lo = sft_loss(o, virtual_labels(o, b['labels']))
     assert abs(lo.item() - t.loss.item()) <= 1e-5
+    with torch.no_grad(): assert abs(ours(**b).loss.item() - t.loss.item()) <= 1e-6   # labels= works like peft's
     lo.backward(); t.loss.backward()
     gt = {peft_name(n, ours): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
