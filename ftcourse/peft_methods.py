@@ -98,7 +98,7 @@ def copy_dora_from_peft(model:nn.Module,     # a model after `apply_dora`
         for n, layer in lora_layers(model).items(): layer.lora_magnitude.copy_(mags[n])
     return model
 
-# %% ../nbs/03a_peft_methods.ipynb #135e0ea1
+# %% ../nbs/03a_peft_methods.ipynb #1bf4f035
 def virtual_labels(logits:torch.Tensor, # (batch, n + T, vocab): the output, with n virtual positions in front
                    labels:torch.Tensor  # (batch, T): the batch's labels
                   ) -> torch.Tensor:
@@ -160,7 +160,7 @@ class SoftPrompt(VirtualTokens):
         p = self.prompts().to(self.model.dtype).unsqueeze(0).expand(batch_size, -1, -1)
         return _out_cache(self.model(inputs_embeds=p, use_cache=True))
 
-# %% ../nbs/03a_peft_methods.ipynb #53c0e9a8
+# %% ../nbs/03a_peft_methods.ipynb #0ac61012
 class PromptTuning(SoftPrompt):
     "Prompt tuning (Lester et al. 2021): `n_virtual` trainable input embeddings in front of the sequence."
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
@@ -186,7 +186,7 @@ def apply_prompt_tuning(model:nn.Module, n_virtual:int=20, init:str='vocab', tok
     "Freeze `model` and wrap it with `n_virtual` trainable input embeddings; train and generate with the returned module."
     return PromptTuning(model, n_virtual, init, tok, text)
 
-# %% ../nbs/03a_peft_methods.ipynb #d007c869
+# %% ../nbs/03a_peft_methods.ipynb #547b1f53
 class PTuning(SoftPrompt):
     "P-tuning (Liu et al. 2021): virtual tokens produced by a prompt encoder, `MLP(table)`; peft's 'MLP' encoder."
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
@@ -206,7 +206,7 @@ def apply_p_tuning(model:nn.Module, n_virtual:int=20, hidden:int|None=None) -> P
     "Freeze `model` and wrap it with a P-tuning prompt encoder; train and generate with the returned module."
     return PTuning(model, n_virtual, hidden)
 
-# %% ../nbs/03a_peft_methods.ipynb #30440970
+# %% ../nbs/03a_peft_methods.ipynb #f529edcd
 def kv_dims(config) -> tuple[int, int, int]:
     "(layers, key/value heads, head dim) of a transformers decoder config (grouped-query attention included)."
     hd = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
@@ -260,7 +260,7 @@ def apply_prefix_tuning(model:nn.Module, n_virtual:int=10, projection:bool=True,
     "Freeze `model` and wrap it with trainable key/value prefixes in every layer; train and generate with the returned module."
     return PrefixTuning(model, n_virtual, projection, hidden)
 
-# %% ../nbs/03a_peft_methods.ipynb #15b79270
+# %% ../nbs/03a_peft_methods.ipynb #8a786708
 PEFT_NAMES = {'lora_magnitude_vector.default.weight': 'lora_magnitude', 'lora_A.default.weight': 'lora_A',
               'lora_B.default.weight': 'lora_B', 'prompt_encoder.default.mlp_head.': 'mlp.',
               'prompt_encoder.default.transform.': 'mlp.', 'prompt_encoder.default.': ''}
@@ -283,7 +283,7 @@ def copy_from_peft(ours:nn.Module,     # our model (after `apply_dora`) or wrapp
         for n, p in mine.items(): p.copy_(theirs[n])
     return ours
 
-# %% ../nbs/03a_peft_methods.ipynb #af2c6fc1
+# %% ../nbs/03a_peft_methods.ipynb #2efd815e
 def trainable_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
     "The trained tensors only (any method: LoRA/DoRA factors and magnitudes, soft prompts, prompt encoders, prefixes)."
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
