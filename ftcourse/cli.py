@@ -17,9 +17,9 @@ __all__ = ['METHODS', 'ADAPTERS', 'TOUR_ORDER', 'STRATEGIES', 'RunConfig', 'Conf
            'config_yaml', 'check_output_dir', 'prepare_output_dir', 'read_csv', 'write_csv', 'load_rows', 'base_model',
            'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model',
            'load_run', 'load_reward_run', 'train_config', 'train_sft', 'fit', 'run', 'PeakRSS', 'answer_logps',
-           'preference_accuracy', 'evaluate_policy', 'tour_configs', 'tour', 'write_report', 'model_config',
-           'params_table', 'memory_table', 'chat_reply', 'cmd_chat', 'cmd_data', 'cmd_train', 'cmd_tour', 'cmd_params',
-           'cmd_memory', 'build_parser', 'main', 'per_gpu_memory']
+           'evaluate_policy', 'tour_configs', 'tour', 'write_report', 'model_config', 'params_table', 'memory_table',
+           'chat_reply', 'cmd_chat', 'cmd_data', 'cmd_train', 'cmd_tour', 'cmd_params', 'cmd_memory', 'build_parser',
+           'main', 'per_gpu_memory']
 
 # %% ../nbs/10_capstone.ipynb #6d85cebf
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
@@ -383,7 +383,7 @@ class PeakRSS:
         self._peak = max(self._peak, self._p.memory_info().rss)
         self.peak_increase = self._peak - self._start
 
-# %% ../nbs/10_capstone.ipynb #f003eb3b
+# %% ../nbs/10_capstone.ipynb #33ede74f
 @torch.no_grad()
 def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one answer to each
                  max_len:int=512, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,29 +401,14 @@ def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one an
     finally: model.train(was)
     return torch.cat(out), torch.cat(ns)
 
-@torch.no_grad()
-def preference_accuracy(model, tok, rows, max_len:int=128, batch_size:int=8) -> dict:
-    "Share of preference pairs whose chosen answer has the higher mean log-probability per token, and the mean gap."
-    from ftcourse.sft import preference_dataset
-    from ftcourse.dpo import collate_dpo, concatenated_logps
-    exs, col, dev = preference_dataset(rows, tok, max_len, verbose=False)[0], collate_dpo(tok), next(model.parameters()).device
-    c, r = [], []
-    was = model.training; model.eval()
-    try:
-        for i in range(0, len(exs), batch_size):
-            b = col(exs[i:i + batch_size])
-            lp = concatenated_logps(model, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}, average=True)
-            c.append(lp['chosen'].cpu()); r.append(lp['rejected'].cpu())
-    finally: model.train(was)
-    c, r = torch.cat(c), torch.cat(r)
-    return dict(pref_accuracy=(c > r).float().mean().item(), pref_margin=(c - r).mean().item(), n_pairs=len(c))
-
 def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column
                     max_new_tokens:int=24, max_len:int=128) -> dict:
     "Judge score, preference accuracy, answer length and KL to `start` of a policy; its answers are kept for the reward model."
     from ftcourse.sft import judge_score
+    from ftcourse.dpo import preference_metrics
     j = judge_score(model, tok, sft_rows, max_new_tokens)
-    res = dict(judge=j['score'], **preference_accuracy(model, tok, pref_rows, max_len), answers=j['responses'])
+    pm = preference_metrics(model, tok, pref_rows, ref=None, max_len=max_len)    # chapter 8's reference-free log-prob metrics
+    res = dict(judge=j['score'], pref_accuracy=pm['logp_accuracy'], pref_margin=pm['logp_margin'], n_pairs=pm['n'], answers=j['responses'])
     lp, n = answer_logps(model, tok, sft_rows, j['responses'])
     res['answer_tokens'] = n.float().mean().item()
     res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from .sft import IGNORE_INDEX, preference_dataset, collate_preference
 from .train import TrainConfig, train, History, batch_indices
 from .lora import lora_layers
+from .ppo import adapters_disabled
 
 # %% auto #0
 __all__ = ['TRL_DPO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span', 'concatenated_logps', 'dpo_loss',
-           'pair_metrics', 'disable_adapters', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy', 'reference_logps',
-           'dpo_loss_fn', 'trl_dpo_trainer', 'trl_loss_metrics', 'compare_metrics', 'evaluate_pairs', 'train_dpo',
+           'pair_metrics', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy', 'reference_logps', 'dpo_loss_fn',
+           'trl_dpo_trainer', 'trl_loss_metrics', 'compare_metrics', 'evaluate_pairs', 'train_dpo',
            'preference_metrics']
 
 # %% ../nbs/08_dpo.ipynb #cbe0035b
@@ -95,18 +96,6 @@ def pair_metrics(chosen_rewards:torch.Tensor, rejected_rewards:torch.Tensor) -> 
                 margin=(chosen_rewards - rejected_rewards).mean().item())
 
 # %% ../nbs/08_dpo.ipynb #88bce164
-@contextmanager
-def disable_adapters(model:nn.Module # a model with `LoRALinear` layers (none: this does nothing)
-                    ):
-    "Within the block, every `LoRALinear` of `model` computes its frozen base layer alone (scaling 0)."
-    layers = list(lora_layers(model).values())
-    if any(l.merged for l in layers): raise ValueError("disable_adapters: a LoRA layer is merged; unmerge it first")
-    saved = [l.scaling for l in layers]
-    for l in layers: l.scaling = 0.0
-    try: yield model
-    finally:
-        for l, s in zip(layers, saved): l.scaling = s
-
 def collate_dpo(tok, padding_side:str='right'):
     "`collate_preference` plus `n_items` (pairs) and, if the examples have them, `ref_chosen_logps`/`ref_rejected_logps`."
     pref = collate_preference(tok, padding_side)
@@ -127,7 +116,7 @@ def precompute_ref_logps(ref:nn.Module, # the reference model (e.g. the policy b
     was = ref.training; ref.eval(); col = collate_dpo(tok); out = []
     dev = next(ref.parameters()).device
     try:
-        with (nullcontext() if adapters else disable_adapters(ref)):
+        with (nullcontext() if adapters else adapters_disabled(ref)):
             for i in range(0, len(examples), batch_size):
                 chunk = [examples[j] for j in range(i, min(i + batch_size, len(examples)))]
                 b = col(chunk)
@@ -149,7 +138,7 @@ def reference_logps(model, batch:dict, ref_model:nn.Module|None=None) -> tuple[t
     if ref_model is None and not lora_layers(model):
         raise ValueError("no reference: the batch has no precomputed ref log-probs, no ref_model was given, "
                          "and the model has no LoRA adapters to disable")
-    with torch.no_grad(), (nullcontext() if ref_model is not None else disable_adapters(model)):
+    with torch.no_grad(), (nullcontext() if ref_model is not None else adapters_disabled(model)):
         lp = concatenated_logps(ref_model if ref_model is not None else model, batch)
     return lp['chosen'], lp['rejected']
 
@@ -253,7 +242,7 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
 # %% ../nbs/08_dpo.ipynb #20c01370
 @torch.no_grad()
 def preference_metrics(model, tok, rows, # the trained model, its tokenizer, held-out preference rows (or examples)
-                       ref='adapters', # 'adapters' (LoRA disabled), a reference model, or 'precomputed' (in the examples)
+                       ref='adapters', # 'adapters' (LoRA disabled), a reference model, 'precomputed' (in the examples), or None (log-prob metrics only)
                        beta:float=0.1, # scales the implicit rewards
                        batch_size:int=8, max_len:int=128) -> dict:
     "Held-out implicit-reward accuracy, margin and mean rewards vs `ref`, and the reference-free log-prob accuracy and margin."
@@ -265,10 +254,12 @@ def preference_metrics(model, tok, rows, # the trained model, its tokenizer, hel
         for i in range(0, len(exs), batch_size):
             b = col(exs[i:i + batch_size]); bt = {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}
             lp = concatenated_logps(model, bt)
-            if ref == 'precomputed': rc, rr = b['ref_chosen_logps'].to(dev), b['ref_rejected_logps'].to(dev)
+            if ref is None: rc, rr = lp['chosen'], lp['rejected']   # no reference: implicit rewards are 0 and not reported
+            elif ref == 'precomputed': rc, rr = b['ref_chosen_logps'].to(dev), b['ref_rejected_logps'].to(dev)
             else: rc, rr = reference_logps(model, bt, None if ref == 'adapters' else ref)
             acc.append((beta * (lp['chosen'] - rc), beta * (lp['rejected'] - rr),
                         lp['chosen'] / lp['n_chosen'], lp['rejected'] / lp['n_rejected']))
     finally: model.train(was)
     cr, rr, mc, mr = (torch.cat(t) for t in zip(*acc))
-    return dict(pair_metrics(cr, rr), logp_accuracy=(mc > mr).float().mean().item(), logp_margin=(mc - mr).mean().item(), n=len(cr))
+    lpm = dict(logp_accuracy=(mc > mr).float().mean().item(), logp_margin=(mc - mr).mean().item(), n=len(cr))
+    return lpm if ref is None else dict(pair_metrics(cr, rr), **lpm)

@@ -5,7 +5,8 @@ from ftcourse.core import tiny_model, load_course_dataset, set_seed
 from ftcourse.sft import preference_dataset, collate_preference
 from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.train import TrainConfig, train
-from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, dpo_loss, pair_metrics, collate_dpo, disable_adapters,
+from ftcourse.ppo import adapters_disabled
+from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, dpo_loss, pair_metrics, collate_dpo,
                           precompute_ref_logps, frozen_copy, dpo_loss_fn, trl_dpo_trainer, trl_loss_metrics, compare_metrics,
                           TRL_DPO_METRICS, train_dpo, preference_metrics, evaluate_pairs)
 
@@ -103,7 +104,7 @@ def test_three_references_agree(rows):
     assert abs(a.item() - 0.6931472) > 1e-4
     # the context manager restores the scaling, also after an exception
     with pytest.raises(RuntimeError):
-        with disable_adapters(policy): raise RuntimeError
+        with adapters_disabled(policy): raise RuntimeError
     assert all(l.scaling == 2.0 for l in lora_layers(policy).values())
 
 def test_no_reference_is_an_error(rows):
