@@ -414,7 +414,7 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0
     return res
 
-# %% ../nbs/10_capstone.ipynb #6f33ccd6
+# %% ../nbs/10_capstone.ipynb #c98d4079
 TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
 
 def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:int=0, device=None) -> dict[str, RunConfig]:
@@ -422,8 +422,8 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     from ftcourse.core import course_settings
     s, out = course_settings(device), Path(out)
     steps = dict(sft=2, reward=2, ppo=1, dpo=2, orpo=2) if quick else \
-            dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 5), dpo=s.steps, orpo=s.steps)
-    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-5, dpo=5e-4, orpo=5e-4)
+            dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 3), dpo=s.steps, orpo=s.steps)
+    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, dpo=5e-4, orpo=5e-4)   # PPO's as in chapter 7
     common = dict(model=model, seed=seed, eval_every=0, n_eval=8 if quick else s.n_eval, batch_size=s.batch_size,
                   sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora', ppo_max_new_tokens=s.max_new_tokens)
     cfgs = {m: RunConfig(method=m, steps=steps[m], learning_rate=lrs[m], output_dir=str(out/m), **common) for m in TOUR_ORDER}
@@ -481,7 +481,7 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
     write_report(out, rows, hists, sft_rows, dict(model=model, n_eval=n_eval, quick=quick, seconds=time.time() - t_start, device=str(device)))
     return rows
 
-# %% ../nbs/10_capstone.ipynb #3de7c9d0
+# %% ../nbs/10_capstone.ipynb #2f06d130
 def _fmt(v, spec):
     return '—' if v is None else format(v, spec)
 
@@ -498,8 +498,12 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
     fig, axs = plt.subplots(1, len(hists), figsize=(3.2 * len(hists), 2.8))
     for ax, (m, h) in zip(axs if len(hists) > 1 else [axs], hists.items()):
         key = 'loss' if any('loss' in r for r in h) else next((k for k in ('mean_reward', 'reward') if any(k in r for r in h)), None)
-        if key: ax.plot(*zip(*[(r['step'], r[key]) for r in h if key in r]), marker='.')
-        ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step')
+        if key:
+            xs, ys = zip(*[(r['step'], r[key]) for r in h if key in r])
+            ema, sm = ys[0], []
+            for y in ys: ema = 0.8 * ema + 0.2 * y; sm.append(ema)
+            ax.plot(xs, ys, marker='.', alpha=0.35); ax.plot(xs, sm, color='C0', label='moving average')
+        ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step' if m != 'ppo' else 'iteration')
     fig.tight_layout(); fig.savefig(out/'training.png', dpi=110); plt.close(fig)
     lines = [f"# ftcourse tour: {meta['model']}", '',
              f"SFT with LoRA, then from the SFT model a reward model, PPO, DPO and ORPO; every policy scored on the same "
@@ -522,7 +526,7 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
     (out/'report.md').write_text('\n'.join(lines) + '\n')
     (out/'report.json').write_text(json.dumps(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != 'answers'} for r in rows]), indent=1))
 
-# %% ../nbs/10_capstone.ipynb #2bfd1b5f
+# %% ../nbs/10_capstone.ipynb #9f0d3070
 def model_config(name:str):
     "A model's config: one of chapter 3's known configs, 'tiny', a local folder/config.json, or a hub id."
     from ftcourse.lora import KNOWN_CONFIGS, as_config
@@ -556,7 +560,7 @@ def memory_table(name:str, batch_size:int=1, seq_len:int=512, r:int=16, grad_che
         rows.append(dict(method=m, **{k: e[k] / 2**30 for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')}, trainable=e['trainable']))
     return rows
 
-# %% ../nbs/10_capstone.ipynb #1b20361d
+# %% ../nbs/10_capstone.ipynb #54a9004e
 def chat_reply(model, tok, messages:list[dict], # the conversation so far, as chat messages
                max_new_tokens:int=128, temperature:float=0.0, # 0: greedy decoding
                top_p:float=1.0, seed:int=0) -> str:
@@ -570,7 +574,7 @@ def chat_reply(model, tok, messages:list[dict], # the conversation so far, as ch
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/10_capstone.ipynb #371bc4cd
+# %% ../nbs/10_capstone.ipynb #5a241d4f
 def cmd_chat(args):
     t0 = time.time()
     if args.run: model, tok = load_run(args.run); src = f"run {args.run}"
@@ -628,7 +632,7 @@ def cmd_memory(args):
         print(f"{r['method']:8}" + ''.join(f"{r[k]:9.2f}" for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')) + f"{r['trainable']:14,}")
     return 0
 
-# %% ../nbs/10_capstone.ipynb #25052b31
+# %% ../nbs/10_capstone.ipynb #2a506194
 def _add_run_flags(p):
     p.add_argument('--config', help='a YAML file with the run\'s options (flags override it)')
     hints = _hints()
@@ -687,7 +691,7 @@ def main(argv:list[str]|None=None) -> int:
     except (ConfigError, DatasetFormatError) as e:
         print(f"ftcourse {args.command}: error: {e}", file=sys.stderr); return 2
 
-# %% ../nbs/10_capstone.ipynb #4a135de0
+# %% ../nbs/10_capstone.ipynb #22bea569
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'zero3')
 
 def per_gpu_memory(name:str, # a model config, as for `ftcourse params`
