@@ -146,7 +146,7 @@ def config_yaml(cfg:RunConfig) -> str:
     import yaml
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
-# %% ../nbs/10_capstone.ipynb #03f23087
+# %% ../nbs/10_capstone.ipynb #29afdd5a
 def check_output_dir(cfg:RunConfig) -> Path:
     "The run's folder; a `ConfigError` if it holds another run (unless `overwrite`) or anything that is not a run."
     out = Path(cfg.output_dir or f'runs/{cfg.method}')
@@ -183,7 +183,7 @@ def write_csv(rows:list[dict], path:str|Path):
     with open(path, 'w', newline='') as f:
         w = csv.DictWriter(f, cols, extrasaction='ignore'); w.writeheader(); w.writerows(rows)
 
-# %% ../nbs/10_capstone.ipynb #52df6963
+# %% ../nbs/10_capstone.ipynb #776c88f9
 def _kind(method:str) -> str: return 'sft' if method == 'sft' else 'preference'
 
 def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
@@ -204,7 +204,7 @@ def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
             print(f"held out {n} of {n + len(train_rows)} rows of {cfg.dataset} for evaluation (seed {cfg.seed})")
     return list(train_rows), list(eval_rows)[:cfg.n_eval]
 
-# %% ../nbs/10_capstone.ipynb #37c1e9eb
+# %% ../nbs/10_capstone.ipynb #423ed6fd
 def base_model(name:str, device='cpu'):
     "The model and tokenizer `name` ('tiny' for the test model)."
     if name == 'tiny':
@@ -248,7 +248,7 @@ def add_adapter(model:nn.Module, cfg:RunConfig) -> nn.Module:
         quantize_lora_bases(model)
     return model
 
-# %% ../nbs/10_capstone.ipynb #d3270fc2
+# %% ../nbs/10_capstone.ipynb #bb60cab8
 def save_trainable(model:nn.Module, path:str|Path):
     "The trained parameters (those with `requires_grad`) as safetensors, written atomically."
     from safetensors.torch import save_file
@@ -296,7 +296,7 @@ def load_reward_run(run_dir:str|Path, device='cpu'):
     rm = load_trainable(RewardModel.from_causal_lm(model), Path(run_dir)/'trainable.safetensors')
     return merge_adapters(rm).requires_grad_(False).eval(), tok
 
-# %% ../nbs/10_capstone.ipynb #45e8dcda
+# %% ../nbs/10_capstone.ipynb #d0a97708
 def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     "The training loop's settings for a run."
     from ftcourse.train import TrainConfig
@@ -337,7 +337,7 @@ def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:
         return model, train_ppo(model, tok, train_rows, reward_fn, pcfg)
     raise ConfigError(f"method {cfg.method!r} is not available in this version of ftcourse")
 
-# %% ../nbs/10_capstone.ipynb #612c0c03
+# %% ../nbs/10_capstone.ipynb #c5181dba
 def run(cfg:RunConfig, device=None) -> dict:
     "Train one run as `cfg` says; returns a summary (also written to `summary.json` in the run's folder)."
     from ftcourse.core import get_device
@@ -366,7 +366,7 @@ def run(cfg:RunConfig, device=None) -> dict:
     print(f"saved {cfg.method} run to {out}/ ({n_train:,} trainable parameters, {summary['seconds']} s)")
     return dict(summary, model=model, tok=tok, history=hist, out=out)
 
-# %% ../nbs/10_capstone.ipynb #472c0335
+# %% ../nbs/10_capstone.ipynb #36d8afd7
 class PeakRSS:
     "Context manager: the peak increase of this process's resident memory while inside, sampled every `interval` s."
     def __init__(self, interval:float=0.05): self.interval, self.peak_increase = interval, 0
@@ -383,7 +383,7 @@ class PeakRSS:
         self._peak = max(self._peak, self._p.memory_info().rss)
         self.peak_increase = self._peak - self._start
 
-# %% ../nbs/10_capstone.ipynb #33ede74f
+# %% ../nbs/10_capstone.ipynb #f055cd75
 @torch.no_grad()
 def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one answer to each
                  max_len:int=512, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,7 +414,7 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0
     return res
 
-# %% ../nbs/10_capstone.ipynb #c98d4079
+# %% ../nbs/10_capstone.ipynb #214f6ad3
 TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
 
 def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:int=0, device=None) -> dict[str, RunConfig]:
@@ -481,7 +481,7 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
     write_report(out, rows, hists, sft_rows, dict(model=model, n_eval=n_eval, quick=quick, seconds=time.time() - t_start, device=str(device)))
     return rows
 
-# %% ../nbs/10_capstone.ipynb #2f06d130
+# %% ../nbs/10_capstone.ipynb #ddc9b037
 def _fmt(v, spec):
     return '—' if v is None else format(v, spec)
 
@@ -526,7 +526,7 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
     (out/'report.md').write_text('\n'.join(lines) + '\n')
     (out/'report.json').write_text(json.dumps(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != 'answers'} for r in rows]), indent=1))
 
-# %% ../nbs/10_capstone.ipynb #9f0d3070
+# %% ../nbs/10_capstone.ipynb #b1086b87
 def model_config(name:str):
     "A model's config: one of chapter 3's known configs, 'tiny', a local folder/config.json, or a hub id."
     from ftcourse.lora import KNOWN_CONFIGS, as_config
@@ -560,7 +560,7 @@ def memory_table(name:str, batch_size:int=1, seq_len:int=512, r:int=16, grad_che
         rows.append(dict(method=m, **{k: e[k] / 2**30 for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')}, trainable=e['trainable']))
     return rows
 
-# %% ../nbs/10_capstone.ipynb #54a9004e
+# %% ../nbs/10_capstone.ipynb #3844595c
 def chat_reply(model, tok, messages:list[dict], # the conversation so far, as chat messages
                max_new_tokens:int=128, temperature:float=0.0, # 0: greedy decoding
                top_p:float=1.0, seed:int=0) -> str:
@@ -574,7 +574,7 @@ def chat_reply(model, tok, messages:list[dict], # the conversation so far, as ch
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/10_capstone.ipynb #5a241d4f
+# %% ../nbs/10_capstone.ipynb #f701ea26
 def cmd_chat(args):
     t0 = time.time()
     if args.run: model, tok = load_run(args.run); src = f"run {args.run}"
@@ -632,7 +632,7 @@ def cmd_memory(args):
         print(f"{r['method']:8}" + ''.join(f"{r[k]:9.2f}" for k in ('weights', 'gradients', 'optimizer', 'activations', 'total')) + f"{r['trainable']:14,}")
     return 0
 
-# %% ../nbs/10_capstone.ipynb #2a506194
+# %% ../nbs/10_capstone.ipynb #92c06829
 def _add_run_flags(p):
     p.add_argument('--config', help='a YAML file with the run\'s options (flags override it)')
     hints = _hints()
@@ -691,7 +691,7 @@ def main(argv:list[str]|None=None) -> int:
     except (ConfigError, DatasetFormatError) as e:
         print(f"ftcourse {args.command}: error: {e}", file=sys.stderr); return 2
 
-# %% ../nbs/10_capstone.ipynb #22bea569
+# %% ../nbs/10_capstone.ipynb #dffa5750
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'zero3')
 
 def per_gpu_memory(name:str, # a model config, as for `ftcourse params`
