@@ -7,6 +7,7 @@ Docs: https://ftcourse.github.io/ftcourse/lora.html.md"""
 # %% ../nbs/03_lora.ipynb #eb6f0e7a
 from __future__ import annotations
 import math, re
+from contextlib import contextmanager
 from collections.abc import Iterable
 
 import torch
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['ATTENTION', 'MLP', 'TARGETS', 'SMOLLM2_135M', 'LLAMA2_7B', 'MISTRAL_7B', 'LLAMA3_8B', 'KNOWN_CONFIGS', 'LoRALinear',
            'target_names', 'apply_lora', 'lora_layers', 'lora_state_dict', 'merge_lora', 'count_trainable',
-           'copy_lora_from_peft', 'peft_lora_layer', 'lora_params', 'layer_dims', 'as_config', 'meta_model',
-           'target_shapes', 'lora_param_count', 'model_param_count', 'peft_trainable_count', 'adamw_state_bytes']
+           'copy_lora_from_peft', 'peft_lora_layer', 'adapters_disabled', 'lora_params', 'layer_dims', 'as_config',
+           'meta_model', 'target_shapes', 'lora_param_count', 'model_param_count', 'peft_trainable_count',
+           'adamw_state_bytes']
 
 # %% ../nbs/03_lora.ipynb #dd9fcaa9
 class LoRALinear(nn.Module):
@@ -37,6 +39,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.adapters_enabled = True  # `adapters_disabled` sets it to False: forward then runs the base layer alone
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -50,7 +53,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged: return y
+        if self.merged or not self.adapters_enabled: return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     @torch.no_grad()
@@ -160,6 +163,24 @@ def peft_lora_layer(base:nn.Linear, # the layer to wrap (wrapped as is, not copi
     from peft.tuners.lora import Linear
     base.requires_grad_(False)
     return Linear(base, 'default', config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout), r=r, lora_alpha=alpha)
+
+# %% ../nbs/03_lora.ipynb #0ecb36d9
+@contextmanager
+def adapters_disabled(model:nn.Module # a model with adapter modules (any module with an `adapters_enabled` flag)
+                     ):
+    "Inside the block every adapter of `model` computes its base alone: the model is its frozen base (peft's `disable_adapter()`)."
+    adapters = [m for m in model.modules() if hasattr(m, 'adapters_enabled')]
+    if not adapters:
+        raise ValueError(f"{type(model).__name__} has no adapters to disable (no module with an `adapters_enabled` flag)")
+    if any(getattr(m, 'merged', False) for m in adapters):
+        raise ValueError("unmerge the adapters first: a merged adapter is part of the base weight and cannot be switched off")
+    saved = [m.adapters_enabled for m in adapters]
+    try:
+        for m in adapters: m.adapters_enabled = False
+        yield model
+    finally:
+        # restore each flag as it was, also when the block raised
+        for m, was_enabled in zip(adapters, saved): m.adapters_enabled = was_enabled
 
 # %% ../nbs/03_lora.ipynb #7777e21a
 def lora_params(d_in:int, d_out:int, r:int) -> int:

@@ -48,7 +48,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged: return y
+        if self.merged or not self.adapters_enabled: return y   # adapters off: the base layer, not (m/‖W‖)·W x
         scale = (self.lora_magnitude / self.weight_norm()).view(1, -1)   # m / ‖W + s·BA‖, one per output unit
         if isinstance(self.dropout, nn.Identity) or not self.training:
             wx = y if self.base.bias is None else y - self.base.bias      # W x, reused from the frozen output
@@ -122,6 +122,7 @@ class VirtualTokens(nn.Module):
         super().__init__()
         if n_virtual <= 0: raise ValueError(f"n_virtual must be positive, got {n_virtual}")
         self.model, self.n_virtual = model.requires_grad_(False), n_virtual
+        self.adapters_enabled = True  # `ftcourse.lora.adapters_disabled` sets it to False: then no virtual tokens
 
     @property
     def device(self): return self.model.device
@@ -139,6 +140,8 @@ class VirtualTokens(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids:torch.Tensor, attention_mask:torch.Tensor|None=None, **kwargs) -> torch.Tensor:
         "`model.generate` after the virtual tokens: continues from their cache; returns `input_ids` + new tokens."
+        if not self.adapters_enabled:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         b, n = input_ids.shape[0], self.n_virtual
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         ids = F.pad(input_ids, (n, 0), value=0)   # n placeholders: generate skips the positions the cache already holds
@@ -150,6 +153,7 @@ class SoftPrompt(VirtualTokens):
     def prompts(self) -> torch.Tensor: raise NotImplementedError  # (n_virtual, d)
 
     def forward(self, input_ids:torch.Tensor, attention_mask:torch.Tensor|None=None, **kwargs):
+        if not self.adapters_enabled: return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         emb = self.model.get_input_embeddings()(input_ids)
         p = self.prompts().to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
         if attention_mask is not None: attention_mask = self.virtual_mask(attention_mask)
@@ -243,6 +247,7 @@ class PrefixTuning(VirtualTokens):
         return DynamicCache([(p[2 * l], p[2 * l + 1]) for l in range(self.n_layers)])
 
     def forward(self, input_ids:torch.Tensor, attention_mask:torch.Tensor|None=None, **kwargs):
+        if not self.adapters_enabled: return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is not None: attention_mask = self.virtual_mask(attention_mask)
         kwargs[_cache_arg(self.model)] = self.virtual_cache(input_ids.shape[0])  # a fresh cache each call
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -5,7 +5,7 @@ from torch import nn
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config
 from ftcourse.core import tiny_model, load_model
-from ftcourse.lora import (LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora, count_trainable, copy_lora_from_peft,
+from ftcourse.lora import (LoRALinear, adapters_disabled, apply_lora, lora_layers, lora_state_dict, merge_lora, count_trainable, copy_lora_from_peft,
                            peft_lora_layer, lora_params, lora_param_count, model_param_count, peft_trainable_count, target_names,
                            meta_model, TARGETS, KNOWN_CONFIGS, SMOLLM2_135M, LLAMA2_7B, MISTRAL_7B, LLAMA3_8B)
 
@@ -132,6 +132,41 @@ def test_lora_state_dict_roundtrip(tmp_path):
         for v in lora_state_dict(m2).values(): v.zero_()
     m2.load_state_dict(back, strict=False)
     assert all(torch.equal(lora_state_dict(m2)[k], sd[k]) for k in sd)
+
+def _trained_pair(targets='all-linear'):
+    "The tiny model adapted by us and by peft with the same random, non-zero factors (as after training)."
+    m1, tok = tiny_model(); m2, _ = tiny_model()
+    apply_lora(m1, r=4, alpha=8, target_modules=targets)
+    p2 = get_peft_model(m2, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for n, p in p2.named_parameters():
+        if 'lora_B' in n: nn.init.normal_(p, std=0.05)
+    return copy_lora_from_peft(m1, p2), p2, tok
+
+def test_adapters_disabled_equals_peft_disable_adapter():
+    m1, p2, tok = _trained_pair()
+    base, _ = tiny_model()
+    b = tok(["hello there", "what is 2+3?"], return_tensors='pt', padding=True)
+    with torch.no_grad():
+        on = m1(**b).logits
+        with adapters_disabled(m1) as m: off = m(**b).logits
+        with p2.disable_adapter(): off_peft = p2(**b).logits
+        ref = base(**b).logits
+        assert (on - ref).abs().max() > 1e-3  # the adapters change the output, so "off" is tested
+        assert (off - off_peft).abs().max() <= 1e-5 and (off - ref).abs().max() <= 1e-5
+        assert torch.equal(m1(**b).logits, on)  # back on after the block
+        with pytest.raises(RuntimeError):
+            with adapters_disabled(m1): raise RuntimeError
+        assert all(l.adapters_enabled for l in lora_layers(m1).values())  # restored after an exception
+        assert torch.equal(m1(**b).logits, on)
+
+def test_adapters_disabled_refuses_no_adapters_and_merged():
+    with pytest.raises(ValueError, match='no adapters'):
+        with adapters_disabled(tiny_model()[0]): pass
+    m1, _, _ = _trained_pair(('q_proj',))
+    merge_lora(m1)
+    with pytest.raises(ValueError, match='unmerge'):
+        with adapters_disabled(m1): pass
+    assert all(l.adapters_enabled for l in lora_layers(m1).values())
 
 def test_gpt2_c_attn_example():
     g = meta_model(GPT2Config())

@@ -7,7 +7,7 @@ peft = pytest.importorskip('peft')
 from peft import LoraConfig, get_peft_model, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from ftcourse.core import tiny_model
-from ftcourse.lora import count_trainable, lora_layers, merge_lora, LoRALinear
+from ftcourse.lora import count_trainable, lora_layers, merge_lora, LoRALinear, adapters_disabled
 from ftcourse.sft import sft_loss, collate_sft, IGNORE_INDEX
 from ftcourse.peft_methods import (DoRALinear, apply_dora, apply_prompt_tuning, apply_p_tuning, apply_prefix_tuning,
                                    copy_from_peft, copy_dora_from_peft, peft_name, virtual_labels, virtual_sft_loss_fn,
@@ -61,6 +61,42 @@ def test_same_as_peft(method):
     gt = {peft_name(n, ours): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for n, p in ours.named_parameters():
         if p.requires_grad: assert torch.allclose(p.grad, gt[n], rtol=1e-4, atol=1e-6), n
+
+@pytest.mark.parametrize('method', ['dora', 'prompt', 'ptuning', 'prefix', 'prefix_mlp'])
+def test_adapters_disabled_is_the_base_model_like_peft(method):
+    "Adapters off gives the base model, as peft's disable_adapter() does; for DoRA with trained magnitudes too."
+    theirs, ours, tok = _pair(method)
+    base, _ = tiny_model()
+    b = _batch(tok)
+    ids, mask = b['input_ids'], b['attention_mask']
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        on = ours(input_ids=ids, attention_mask=mask).logits
+        with adapters_disabled(ours): off = ours(input_ids=ids, attention_mask=mask).logits
+        with theirs.disable_adapter(): off_peft = theirs(input_ids=ids, attention_mask=mask).logits
+        ref = base(input_ids=ids, attention_mask=mask).logits
+        assert (on[:, -ids.shape[1]:] - ref).abs().max() > 1e-3   # the adapters matter
+        assert off.shape == off_peft.shape == ref.shape
+        assert (off - off_peft).abs().max() <= 1e-5 and (off - ref).abs().max() <= 1e-5
+        assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, on)   # back on after the block
+    if method != 'dora':  # generation with the wrapper switched off is the base model's
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+        x = ids[:1, :5]
+        with adapters_disabled(ours): out = ours.generate(x, **kw)
+        assert torch.equal(out, base.generate(x, attention_mask=torch.ones_like(x), **kw))
+
+def test_dora_off_is_not_scaling_zero():
+    "With trained magnitudes, setting the LoRA scaling to 0 leaves (m/‖W‖)·W x: not the base layer. Switching off must."
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    dora = DoRALinear(copy.deepcopy(base), 2, 4)
+    with torch.no_grad(): dora.lora_magnitude.mul_(1.3)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        dora.scaling = 0.0
+        assert (dora(x) - base(x)).abs().max() > 1e-2
+        dora.scaling = 2.0
+        with adapters_disabled(dora): assert torch.equal(dora(x), base(x))
 
 @pytest.mark.parametrize('dropout', [0.0, 0.2])
 def test_dora_layer_bit_exact_with_bias_and_dropout(dropout):
