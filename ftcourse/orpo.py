@@ -21,8 +21,17 @@ __all__ = ['TRL_ORPO_METRICS', 'log1mexp', 'log_odds', 'orpo_loss', 'orpo_loss_f
 # %% ../nbs/09_orpo.ipynb #b295bde3
 def log1mexp(x:torch.Tensor # values ≤ 0
             ) -> torch.Tensor:
-    "log(1 − eˣ) for x ≤ 0, accurate near 0 and far below it."
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    "log(1 − eˣ) for x ≤ 0, accurate near 0 and far below it; finite in forward and backward, 0 included."
+    tiny = torch.finfo(x.dtype).tiny
+    # log(1 − e⁰) = −∞: take the value at −tiny instead, but keep the gradient flowing (straight through the clamp)
+    # so that at 0 the derivative is its one-sided limit, not the 0 that `clamp` would pass back
+    x = x - (x - x.clamp(max=-tiny)).detach()
+    near = x > -0.6931471805599453
+    # torch.where back-propagates through both branches: give each only the inputs it is safe on (the other gets −1),
+    # or the discarded branch's infinite derivative times 0 would make the gradient NaN
+    upper = torch.log(-torch.expm1(torch.where(near, x, -1.0)))
+    lower = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    return torch.where(near, upper, lower)
 
 def log_odds(logp:torch.Tensor # log P(y|x), length-normalised, ≤ 0
             ) -> torch.Tensor:
@@ -53,7 +62,9 @@ def orpo_loss_fn(lam:float=0.1, # λ, the weight of the odds-ratio term
         if nll_on == 'answer':
             lp = concatenated_logps(model, batch, average=True)
             B = len(lp['chosen'])
-            nll = -lp['token_logps'][:B].sum() / lp['mask'][:B].sum().clamp(min=1)
+            # each chosen answer's NLL over its own length, then the mean over pairs (the paper's L_SFT): a mean over
+            # pairs like the odds-ratio term, so weighting micro-batches by pairs gives the full batch's loss exactly
+            nll = -lp['chosen'].mean()
         else:   # one log-softmax over every position: the answer's labels are the input ids where they are not -100
             ids, am = batch['input_ids'], batch['attention_mask']
             logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
@@ -61,6 +72,8 @@ def orpo_loss_fn(lam:float=0.1, # λ, the weight of the odds-ratio term
             mask = batch['labels'][:, 1:] != IGNORE_INDEX; n = mask.sum(-1)
             avg = (tl * mask).sum(-1) / n.clamp(min=1); B = len(ids) // 2
             lp = dict(chosen=avg[:B], rejected=avg[B:])
+            # trl's NLL: a token mean over this batch's chosen sequences; under accumulation the loop's pair
+            # weighting only approximates the full batch's token mean (measured in the chapter)
             nll = -tl[:B].sum() / seq_mask[:B].sum()
         loss, aux = orpo_loss(lp['chosen'], lp['rejected'], nll, lam)
         return loss, dict(loss=loss.item(), n_items=B, nll=nll.item(), log_odds_ratio=aux['log_odds_ratio'].item(),

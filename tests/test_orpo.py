@@ -1,5 +1,5 @@
 "ORPO: log-odds, the loss against trl's ORPOTrainer (loss, metrics, gradients), the paper's NLL, the trainer."
-import logging
+import logging, math
 import pytest, torch
 from ftcourse.core import tiny_model, load_course_dataset, set_seed
 from ftcourse.sft import preference_dataset, sft_loss
@@ -7,7 +7,7 @@ from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.dpo import collate_dpo, compare_metrics, preference_metrics
 from ftcourse.orpo import (log1mexp, log_odds, orpo_loss, orpo_loss_fn, TRL_ORPO_METRICS, trl_orpo_trainer, trl_orpo_batch,
                            train_orpo, step_memory)
-from ftcourse.train import TrainConfig
+from ftcourse.train import TrainConfig, train, count_items
 
 logging.getLogger('trl').setLevel(logging.ERROR)
 
@@ -22,6 +22,32 @@ def test_log1mexp_matches_float64_and_trl():
     assert torch.equal(log1mexp(x), trl_log1mexp(x))
     p = torch.rand(50).clamp(1e-4, 1 - 1e-4)
     torch.testing.assert_close(log_odds(p.log()), torch.log(p / (1 - p)), rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize('x', [-1e-6, -1e-8, 0.0])
+def test_log1mexp_and_orpo_gradient_finite_near_zero(x):
+    "A mean log-prob at or next to 0 (a confident model, or bf16) gives finite values and the true gradient, not NaN."
+    tiny32 = torch.finfo(torch.float32).tiny
+    xd = x if x < 0 else -tiny32                                        # at 0 the value is taken at -tiny
+    xt = torch.tensor([x], requires_grad=True)
+    v = log1mexp(xt); v.backward()
+    torch.testing.assert_close(v.detach().double(), torch.tensor([math.log(-math.expm1(xd))], dtype=torch.float64), rtol=1e-6, atol=0)
+    # d/dx log(1 - e^x) = e^x / expm1(x), in float64 (at 0: its value at -tiny, the one-sided limit to float precision)
+    torch.testing.assert_close(xt.grad.double(), torch.tensor([math.exp(xd) / math.expm1(xd)], dtype=torch.float64), rtol=1e-5, atol=0)
+    # orpo_loss with the chosen answer at x and the rejected at -1, λ = 0.1; its gradient in float64 by hand:
+    # dL/dc = -λ σ(-log OR) d(log odds)/dc, with d(log odds)/dc = 1 - e^c / expm1(c); at 0 its limit is -λ·odds(rejected)
+    lam, r = 0.1, -1.0
+    c = torch.tensor([x], requires_grad=True)
+    loss, _ = orpo_loss(c, torch.tensor([r]), torch.tensor(0.0), lam=lam)
+    loss.backward()
+    lo = lambda z: z - math.log(-math.expm1(z))
+    want = -lam / (1 + math.exp(lo(xd) - lo(r))) * (1 - math.exp(xd) / math.expm1(xd))
+    assert torch.isfinite(loss) and torch.isfinite(c.grad).all()
+    assert abs(c.grad.item() - want) < 1e-4 * abs(want), (c.grad.item(), want)
+    assert abs(want - (-lam * math.exp(r) / -math.expm1(r))) < 1e-5     # ≈ -0.0582 at all three points
+    # the rejected side at 0 too: finite, and log_odds finite in both directions
+    z = torch.tensor([x, x], requires_grad=True)
+    log_odds(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
 
 def test_orpo_loss_values():
     lp = torch.tensor([-0.3, -2.0])
@@ -60,8 +86,12 @@ def test_paper_nll_is_sft_loss_on_chosen(rows):
     with torch.no_grad():
         _, mt = orpo_loss_fn(0.1)(m, b)
         _, ms = orpo_loss_fn(0.1, nll_on='sequence')(m, b)
-        sft = sft_loss(m(input_ids=b['input_ids'][:8], attention_mask=b['attention_mask'][:8]).logits, b['labels'][:8]).item()
-    assert abs(mt['nll'] - sft) < 1e-5 * sft and abs(ms['nll'] - mt['nll']) > 1e-3   # the two spans really differ
+        logits = m(input_ids=b['input_ids'][:8], attention_mask=b['attention_mask'][:8]).logits
+        # the paper's L_SFT: each chosen row's own SFT loss (a mean over its answer tokens), then the mean over rows
+        sft = torch.stack([sft_loss(logits[i:i + 1], b['labels'][i:i + 1]) for i in range(8)]).mean().item()
+        pooled = sft_loss(logits, b['labels'][:8]).item()             # one token mean over the batch: not the paper's
+    assert abs(mt['nll'] - sft) < 1e-5 * sft and abs(pooled - sft) > 1e-3
+    assert abs(ms['nll'] - mt['nll']) > 1e-3                          # the two spans really differ
     for k in ('chosen_logps', 'rejected_logps', 'log_odds_ratio', 'margin'): assert abs(mt[k] - ms[k]) < 1e-5 * max(1, abs(ms[k])), k
     with pytest.raises(ValueError, match='nll_on'): orpo_loss_fn(0.1, nll_on='prompt')
 
@@ -85,3 +115,35 @@ def test_step_memory_counts_reference_and_activations(rows):
     assert a['activations'] > 0 and a['reference'] == 0
     assert d['reference'] == sum(p.numel() * 4 for p in ref.parameters())
     assert abs(d['activations'] - a['activations']) < 0.1 * a['activations']  # the reference forward saves nothing
+
+def _accumulated(m, tok, loss_fn, examples, micro):
+    "Loss and gradients as ftcourse.train forms them: micro-batches of `micro` pairs, each weighted by count_items."
+    batches = [collate_dpo(tok)(examples[i:i + micro]) for i in range(0, len(examples), micro)]
+    counts = [count_items(b) for b in batches]
+    assert counts == [micro] * len(batches)                              # the loop weights preference batches by pairs
+    loss = sum(loss_fn(m, b)[0] * c / sum(counts) for b, c in zip(batches, counts))
+    return loss.item(), _grads(m, loss)
+
+def test_accumulation_gives_the_full_batch_loss(rows):
+    "4 pairs: one batch against 4 micro-batches of 1. The paper's loss (a mean over pairs) is exact; trl's token-mean NLL is not."
+    m, tok = tiny_model(seed=1)
+    exs = preference_dataset(rows.select(range(4)), tok, 128, verbose=False)[0]
+    lf = orpo_loss_fn(0.1)
+    full, g_full = _accumulated(m, tok, lf, exs, 4)
+    micro, g_micro = _accumulated(m, tok, lf, exs, 1)
+    assert abs(full - micro) < 1e-6 * full
+    for n in g_full: torch.testing.assert_close(g_micro[n], g_full[n], rtol=1e-4, atol=1e-5 * g_full[n].abs().max().item())
+    # the same through the loop itself: the logged loss and the gradient norm do not depend on micro_batch_size
+    hs = []
+    for mb in (None, 1):
+        m, tok = tiny_model(seed=1)
+        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-3, warmup_steps=0, eval_every=0, progress=False,
+                          shuffle=False)
+        hs.append(train(m, lf, exs, cfg, collate_fn=collate_dpo(tok))[-1])
+    assert abs(hs[0]['loss'] - full) < 1e-5 * full and abs(hs[1]['loss'] - full) < 1e-5 * full
+    assert abs(hs[0]['grad_norm'] - hs[1]['grad_norm']) < 1e-5 * hs[0]['grad_norm']
+    # trl's variant: a token mean per micro-batch, so pair weighting changes the loss (the stated exception)
+    m, tok = tiny_model(seed=1)
+    full_s, _ = _accumulated(m, tok, orpo_loss_fn(0.1, nll_on='sequence'), exs, 4)
+    micro_s, _ = _accumulated(m, tok, orpo_loss_fn(0.1, nll_on='sequence'), exs, 1)
+    assert abs(full_s - micro_s) > 1e-4
