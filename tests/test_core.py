@@ -105,3 +105,54 @@ def test_cli_chat_offline():
                        capture_output=True, text=True, timeout=300, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     assert r.returncode == 0, r.stderr
     assert 'Paris' in r.stdout
+
+# ---------------------------------------------------------------- FTCOURSE_RANDOM_WEIGHTS (tools/gpu-check)
+TINY_NAME = 'tests/tiny-smollm2-shaped'   # a name that exists nowhere: only the switch can serve it
+
+@pytest.fixture
+def tiny_random(monkeypatch, tmp_path):
+    "A tiny entry in SMOLLM2_CONFIGS and a tokenizer folder (the tiny tokenizer saved): what the switch needs, in seconds."
+    tok = core.tiny_tokenizer()
+    tok.save_pretrained(tmp_path)
+    cfg = dict(core.SMOLLM2_CONFIGS[DEFAULT_MODEL], vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    monkeypatch.setitem(core.SMOLLM2_CONFIGS, TINY_NAME, cfg)
+    monkeypatch.setenv('FTCOURSE_TOKENIZER_DIR', str(tmp_path))
+    return cfg
+
+def test_random_weights_switch(tiny_random, monkeypatch, capsys):
+    with pytest.raises(ModelNotAvailable): load_model(TINY_NAME, local_only=True)   # switch off: the usual routes
+    monkeypatch.setenv('FTCOURSE_RANDOM_WEIGHTS', '1')
+    rng = torch.random.get_rng_state()
+    m1, tok = load_model(TINY_NAME, dtype=torch.bfloat16)
+    assert torch.equal(rng, torch.random.get_rng_state())   # the caller's random numbers are untouched
+    assert 'RANDOM weights' in capsys.readouterr().out
+    assert m1.ftcourse_source == 'random' and m1.dtype == torch.bfloat16 and not m1.training
+    for k in ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'vocab_size'):
+        assert getattr(m1.config, k) == tiny_random[k], k
+    assert m1.lm_head.weight.data_ptr() == m1.model.embed_tokens.weight.data_ptr()   # tied, as in SmolLM2
+    assert len(tok) == tiny_random['vocab_size']
+    m2, _ = load_model(TINY_NAME, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))   # seeded
+    m3, _ = core.random_model(TINY_NAME, seed=1)
+    assert not torch.equal(m3.model.embed_tokens.weight, m1.model.embed_tokens.weight.float())
+    ids = tok("hello", return_tensors='pt').input_ids
+    assert m1(ids).logits.shape == (1, ids.shape[1], tiny_random['vocab_size'])
+    with pytest.raises(ValueError, match='no configuration'): core.random_model('nobody/no-such-model')
+    monkeypatch.setenv('FTCOURSE_TOKENIZER_DIR', str(ROOT/'no-such-folder'))
+    with pytest.raises(ModelNotAvailable, match='FTCOURSE_TOKENIZER_DIR'): load_model(TINY_NAME)
+
+def test_random_weights_135m_matches_converted_model():
+    "The 135M configuration written in code gives the converted GGUF model's tensor names and shapes (read, not loaded)."
+    cached = core._gguf_cache_path()
+    if not (cached/'model.safetensors').exists(): pytest.skip('the default model is not converted yet (load_model() does it)')
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with safe_open(cached/'model.safetensors', 'pt') as f: real = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    with torch.device('meta'): m = LlamaForCausalLM(LlamaConfig(**core.SMOLLM2_CONFIGS[DEFAULT_MODEL]))
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items() if k != 'lm_head.weight'}   # tied: not saved
+    assert ours == {k: v for k, v in real.items() if k != 'lm_head.weight'}
+    cfg = json.loads((cached/'config.json').read_text())
+    for k, v in core.SMOLLM2_CONFIGS[DEFAULT_MODEL].items():
+        if k == 'rope_parameters': assert cfg[k]['rope_theta'] == v['rope_theta']
+        elif k != 'model_type': assert cfg[k] == pytest.approx(v), k
