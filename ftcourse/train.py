@@ -15,8 +15,9 @@ import torch
 from .core import set_seed
 
 # %% auto #0
-__all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'History', 'evaluate', 'train', 'plot_history', 'optimizer_state_bytes']
+__all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'trainable_state_dict', 'save_checkpoint',
+           'latest_checkpoint', 'load_checkpoint', 'History', 'process_state', 'fsdp_shard', 'evaluate', 'train',
+           'plot_history', 'optimizer_state_bytes']
 
 # %% ../nbs/02b_train.ipynb #66140a21
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     shuffle:bool = True                  # shuffle the data each epoch (False: in order, for comparisons)
     progress:bool = True                 # show a progress bar
     log_with:list|None = None            # Accelerate trackers to log to as well, e.g. ['tensorboard']
+    strategy:str = 'ddp'                 # several processes: 'ddp' (whole model in each) or 'fsdp' (sharded, FSDP2)
 
 # %% ../nbs/02b_train.ipynb #80c39c64
 def cosine_with_warmup(step:int, warmup:int, total:int) -> float:
@@ -72,16 +74,33 @@ def _to(batch, device): return {k: v.to(device) if torch.is_tensor(v) else v for
 # %% ../nbs/02b_train.ipynb #69a3ac13
 def _unwrap(model): return getattr(model, 'module', model)
 
+def _is_main() -> bool: return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+def _sharded(model) -> bool: return any(hasattr(p, 'full_tensor') for p in model.parameters())
+
+def trainable_state_dict(model) -> dict:
+    "The trainable parameters as whole CPU tensors. FSDP shards are gathered, so under FSDP every process must call it."
+    return {n: (p.full_tensor() if hasattr(p, 'full_tensor') else p).detach().cpu().contiguous()
+            for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
 def save_checkpoint(out_dir, step:int, model, optimizer, scheduler, history:list, cfg:TrainConfig) -> Path:
-    "Atomically write checkpoint-`step` under `out_dir` and prune old ones; returns its path."
+    "Atomically write checkpoint-`step` under `out_dir` and prune old ones; returns its path. Every process calls it; only the main one writes."
     from safetensors.torch import save_file
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    trainable = trainable_state_dict(model)
+    if _sharded(model):                    # FSDP: gather the optimizer's state too, keyed by parameter name
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
+        opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else: opt_state = optimizer.state_dict()
+    out_dir = Path(out_dir)
     final, tmp = out_dir/f'checkpoint-{step:06d}', out_dir/f'.tmp-checkpoint-{step:06d}'
+    if not _is_main(): return final
+    out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    save_file({n: p.detach().cpu().contiguous() for n, p in _unwrap(model).named_parameters() if p.requires_grad}, tmp/'trainable.safetensors')
+    save_file(trainable, tmp/'trainable.safetensors')
     rng = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available(): rng['cuda'] = torch.cuda.get_rng_state_all()
-    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng), tmp/'state.pt')
+    state = dict(optimizer=opt_state, optimizer_by_name=_sharded(model), scheduler=scheduler.state_dict(), rng=rng)
+    torch.save(state, tmp/'state.pt')
     (tmp/'trainer_state.json').write_text(json.dumps(dict(step=step, config=asdict(cfg), history=history), indent=1, default=str))
     if final.exists(): shutil.rmtree(final)
     os.replace(tmp, final)
@@ -99,10 +118,17 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
     path = Path(path); params = dict(_unwrap(model).named_parameters())
     for n, t in load_file(path/'trainable.safetensors').items():
         if n not in params: raise KeyError(f"{path}: parameter {n!r} is not in the model")
-        with torch.no_grad(): params[n].copy_(t)
+        p = params[n]
+        if hasattr(p, 'full_tensor'):      # an FSDP shard: this process keeps its own slice of the whole tensor
+            from torch.distributed.tensor import distribute_tensor
+            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+        with torch.no_grad(): p.copy_(t)
     if optimizer is not None:
         st = torch.load(path/'state.pt', weights_only=True)
-        optimizer.load_state_dict(st['optimizer'])
+        if st.get('optimizer_by_name'):
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+            set_optimizer_state_dict(model, optimizer, st['optimizer'], options=StateDictOptions(full_state_dict=True))
+        else: optimizer.load_state_dict(st['optimizer'])
         if scheduler is not None: scheduler.load_state_dict(st['scheduler'])
         torch.set_rng_state(st['rng']['torch']); random.setstate(st['rng']['python'])
         if 'cuda' in st['rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['rng']['cuda'])
@@ -114,16 +140,47 @@ class History(list):
     def last(self, key): return next((r[key] for r in reversed(self) if key in r), None)
     def series(self, key): return [r['step'] for r in self if key in r], [r[key] for r in self if key in r]
 
+def _launched() -> bool:
+    "Started by `torchrun` or `accelerate launch`, which give every process its LOCAL_RANK and the WORLD_SIZE."
+    return 'LOCAL_RANK' in os.environ or int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+def _cpu_launch() -> bool:
+    # Without CUDA, Accelerate treats each launched process as a lone one unless told to use the CPU: with cpu=True the
+    # processes join one group over gloo (MULTI_CPU), as under `accelerate launch --cpu`.
+    return _launched() and not torch.cuda.is_available()
+
+def process_state():
+    "This process's place among the launched ones (Accelerate's `PartialState`): `is_main_process`, `process_index`, `num_processes`."
+    from accelerate.state import AcceleratorState, PartialState
+    cpu = _cpu_launch()
+    if cpu and PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(True)   # a state made earlier without cpu=True, which saw one process
+    return PartialState(cpu=cpu)
+
 def _accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     mp = cfg.mixed_precision
     if mp == 'auto': mp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if torch.cuda.is_available() else 'no'
-    kw = dict(mixed_precision=mp, log_with=cfg.log_with, project_dir=cfg.out_dir)
+    process_state()
+    kw = dict(cpu=_cpu_launch(), mixed_precision=mp, log_with=cfg.log_with, project_dir=cfg.out_dir)
     try: return Accelerator(**kw)
     except ValueError:                      # a notebook that trained before with other settings: start the state afresh
         if AcceleratorState().num_processes > 1: raise
         AcceleratorState._reset_state(True); return Accelerator(**kw)
+
+def fsdp_shard(model, device):
+    "Shard `model` over all processes with FSDP2's `fully_shard`: each transformer block is one unit, the rest the root's."
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    model.to(device)
+    with torch.no_grad():
+        for t in model.state_dict().values(): torch.distributed.broadcast(t, 0)   # start from rank 0's weights, as DDP does
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    blocks = {name for m in model.modules() for name in (getattr(m, '_no_split_modules', None) or [])}
+    for m in [m for m in model.modules() if type(m).__name__ in blocks]: fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 @torch.no_grad()
 def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
@@ -152,18 +209,29 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
          ) -> History:
     "Train `model` with `loss_fn` for `cfg.steps` optimizer steps; returns the metrics history."
     cfg = cfg or TrainConfig()
+    if cfg.strategy not in ('ddp', 'fsdp'): raise ValueError(f"strategy={cfg.strategy!r}: use 'ddp' or 'fsdp'")
     collate_fn = collate_fn or (lambda exs: {k: torch.stack([torch.as_tensor(e[k]) for e in exs]) for k in exs[0]})
     acc = _accelerator(cfg); world, rank = acc.num_processes, acc.process_index
     mb = cfg.micro_batch_size or cfg.batch_size // world
     if cfg.batch_size % world or (cfg.batch_size // world) % mb:
         raise ValueError(f"batch_size={cfg.batch_size} must split into {world} process(es) x micro-batches of {mb}")
     if len(train_data) == 0: raise ValueError("train_data is empty")
+    fsdp = cfg.strategy == 'fsdp'
+    if fsdp and not torch.distributed.is_initialized():
+        raise ValueError("strategy='fsdp' shards the model across processes: start them with torchrun or accelerate launch")
+    if fsdp and acc.mixed_precision == 'fp16': raise ValueError("strategy='fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16'")
     set_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params: raise ValueError("nothing to train: no parameter has requires_grad=True")
+    if fsdp:                               # sharding replaces the parameters: find the chosen ones again by name
+        names = {id(p): n for n, p in model.named_parameters()}
+        if any(id(p) not in names for p in params): raise ValueError("strategy='fsdp' trains only parameters of `model`")
+        chosen = [names[id(p)] for p in params]
+        model = fsdp_shard(model, acc.device)
+        params = [dict(model.named_parameters())[n] for n in chosen]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
-    model, opt = acc.prepare(model, opt)
+    if not fsdp: model, opt = acc.prepare(model, opt)
     hist, start = History(), 0
     if resume and (ck := latest_checkpoint(cfg.out_dir)) is not None:
         st = load_checkpoint(ck, model, opt, sched); start = st['step']; hist = History(st['history'])
@@ -178,10 +246,11 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
             with open(log, 'a') as f: f.write(json.dumps(row) + '\n')
         if cfg.log_with: acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['step'])
 
-    def run_eval(step):
+    def run_eval(step):                    # every process evaluates all of eval_data (FSDP needs all of them in each forward)
         row = dict(step=step)
-        if eval_data is not None: row.update(evaluate(_unwrap(model), loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
-        if eval_fn is not None: row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(_unwrap(model)).items()})
+        with acc.autocast():
+            if eval_data is not None: row.update(evaluate(_unwrap(model), loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
+            if eval_fn is not None: row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(_unwrap(model)).items()})
         if len(row) > 1: record(row)
 
     if start == 0 and cfg.eval_every: run_eval(0)
@@ -190,37 +259,46 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (cfg.progress and acc.is_main_process), desc='train')
     for step in bar:
         t0 = time.time()
+        # this process's share of the global batch: every world-th example, from position `rank`
         idx = batch_indices(step, cfg.batch_size, len(train_data), cfg.seed, cfg.shuffle)[rank::world]
         batches = [collate_fn([train_data[j] for j in idx[i:i + mb]]) for i in range(0, len(idx), mb)]
         counts = [count_items(b) for b in batches]
+        # the GLOBAL item count: every micro-batch's mean is weighted by its share of the whole batch on all processes
         total = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), 'sum')) if world > 1 else sum(counts)
         if total == 0: raise ValueError(f"step {step + 1}: the batch has no items to learn from (every label is -100)")
         loss_sum, msum = 0.0, {}
         for k, (b, c) in enumerate(zip(batches, counts)):
-            if c == 0: continue
-            with acc.no_sync(model) if k < len(batches) - 1 else nullcontext():
-                loss, m = loss_fn(model, _to(b, acc.device))
-                if not torch.isfinite(loss):
+            if c == 0 and world == 1: continue   # nothing to learn; several processes must all run every micro-batch (collectives)
+            sync = k == len(batches) - 1        # DDP all-reduces only after the last micro-batch (FSDP reduces after each)
+            with (nullcontext() if sync else acc.no_sync(model)):
+                with acc.autocast(): loss, m = loss_fn(model, _to(b, acc.device))
+                if c and not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1} (micro-batch {k}); stopped before the "
                         f"optimizer step, so the model holds the step-{step} weights and saved checkpoints are intact. "
                         "Usual causes: a learning rate too high, fp16 overflow, bad data.")
+                # DDP and FSDP average the gradients over processes, so each process's weight is c / total times world
                 acc.backward(loss * (c * world / total))
-            loss_sum += loss.detach().float().item() * c
+            loss_sum += loss.detach().float().item() * c if c else 0.0
             for key, v in m.items():
-                if key not in ('loss', 'n_items') and isinstance(v, (int, float)): msum[key] = msum.get(key, 0.0) + v * c
-        gn = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                if key not in ('loss', 'n_items') and isinstance(v, (int, float)): msum[key] = msum.get(key, 0.0) + (v * c if c else 0.0)
+        if cfg.max_grad_norm: gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        else: gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gn = gn.full_tensor() if hasattr(gn, 'full_tensor') else gn   # FSDP: the norm of all shards' gradients
         if not torch.isfinite(gn): raise FloatingPointError(f"the gradient norm is {gn.item()} at step {step + 1}; stopped before the optimizer step")
         lr = sched.get_last_lr()[0]
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        if world > 1: loss_sum = acc.reduce(torch.tensor(loss_sum, device=acc.device), 'sum').item()
+        if world > 1:                      # the loss and metrics of the whole batch: sums over all processes
+            keys = sorted(msum)
+            sums = acc.reduce(torch.tensor([loss_sum, *(msum[k] for k in keys)], dtype=torch.float64, device=acc.device), 'sum')
+            loss_sum, msum = sums[0].item(), dict(zip(keys, sums[1:].tolist()))
         row = dict(step=step + 1, loss=loss_sum / total, lr=lr, grad_norm=float(gn), items=total, seconds=time.time() - t0,
-                   **{k: v / sum(counts) for k, v in msum.items()})
+                   **{k: v / total for k, v in msum.items()})
         record(row); bar.set_postfix(loss=f"{row['loss']:.4f}")
         last = step + 1 == cfg.steps
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last): run_eval(step + 1)
-        if cfg.out_dir and acc.is_main_process and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
-            save_checkpoint(cfg.out_dir, step + 1, model, opt, sched, list(hist), cfg)
-        acc.wait_for_everyone()
+        if cfg.out_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
+            save_checkpoint(cfg.out_dir, step + 1, model, opt, sched, list(hist), cfg)   # all gather, the main one writes
+        acc.wait_for_everyone()            # no process runs ahead of a checkpoint being written
     if cfg.log_with: acc.end_training()
     _unwrap(model).eval()
     return hist
