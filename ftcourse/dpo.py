@@ -14,8 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from .sft import IGNORE_INDEX, preference_dataset, collate_preference
 from .train import TrainConfig, train, History, batch_indices
-from .lora import lora_layers
-from .ppo import adapters_disabled
+from .lora import lora_layers, adapters_disabled
 
 # %% auto #0
 __all__ = ['TRL_DPO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span', 'concatenated_logps', 'dpo_loss',

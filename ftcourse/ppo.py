@@ -15,14 +15,14 @@ from torch import nn
 from .core import set_seed
 from .data import judge
 from .generate import generate
-from .lora import lora_layers
+from .lora import lora_layers, adapters_disabled
 from .sft import chat_ids, pad_sequences, pad_id, prompt_messages
 from .train import History, cosine_with_warmup, batch_indices
 
 # %% auto #0
 __all__ = ['masked_mean', 'masked_var', 'masked_whiten', 'response_mask', 'kl_penalized_rewards', 'last_index', 'gae',
-           'policy_loss', 'value_loss', 'entropy_from_logits', 'adapters_disabled', 'ValueHead', 'positions',
-           'forward_policy', 'PPOConfig', 'judge_reward', 'reward_model_reward', 'rollout', 'train_ppo']
+           'policy_loss', 'value_loss', 'entropy_from_logits', 'ValueHead', 'positions', 'forward_policy', 'PPOConfig',
+           'judge_reward', 'reward_model_reward', 'rollout', 'train_ppo']
 
 # %% ../nbs/07_ppo.ipynb #9dbbad4f
 def masked_mean(x:torch.Tensor, mask:torch.Tensor, dim:int|None=None) -> torch.Tensor:
@@ -82,8 +82,11 @@ def gae(rewards:torch.Tensor, # (B, R) per-token rewards
         lam:float=0.95, # GAE's λ: 0 = one-step TD, 1 = Monte Carlo
        ) -> tuple[torch.Tensor, torch.Tensor]:
     "Generalized advantage estimation: `δ_t = r_t + γ V_{t+1} - V_t`, `A_t = δ_t + γλ A_{t+1}`; returns (advantages, returns = A + V)."
-    mask = mask.to(values.dtype)
-    values, rewards = values * mask, rewards * mask          # nothing after the end: V = 0 there, the episode is over
+    # at least float32: integer inputs would truncate every advantage written into an integer buffer
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    mask = mask.to(dtype)
+    # nothing after the end: V = 0 there, the episode is over
+    values, rewards = values.to(dtype) * mask, rewards.to(dtype) * mask
     adv, last = torch.zeros_like(values), torch.zeros_like(values[:, 0])
     R = values.shape[1]
     for t in reversed(range(R)):
@@ -129,20 +132,6 @@ def entropy_from_logits(logits:torch.Tensor) -> torch.Tensor:
     p = logits.softmax(-1)
     return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
 
-# %% ../nbs/07_ppo.ipynb #87ea5ca8
-@contextmanager
-def adapters_disabled(model:nn.Module):
-    "Inside the block, every `LoRALinear` of `model` adds nothing (scaling 0): the model is its frozen base, the reference policy."
-    layers = list(lora_layers(model).values())
-    if not layers: raise ValueError("the model has no LoRA layers, so disabling adapters would not give a reference: pass `ref_model`")
-    if any(l.merged for l in layers): raise ValueError("unmerge the adapters first: a merged adapter cannot be switched off")
-    saved = [l.scaling for l in layers]
-    try:
-        for l in layers: l.scaling = 0.0
-        yield model
-    finally:
-        for l, s in zip(layers, saved): l.scaling = s
-
 # %% ../nbs/07_ppo.ipynb #5a501429
 class ValueHead(nn.Module):
     "The critic: a linear layer from the policy's last hidden state to a scalar value per position (shared backbone)."
@@ -164,12 +153,22 @@ def forward_policy(model, value_head:ValueHead|None, # the causal LM (and the cr
                    entropy:bool=False, # also return the per-token entropy
                   ) -> dict:
     "Log-probs of the response tokens (B, R), and the values before each of them (B, R) when `value_head` is given."
-    h = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-    hs = h[:, n_prompt - 1:-1]                                 # the state that predicts each response token
-    logits = model.get_output_embeddings()(hs).float() / temperature
+    R = ids.shape[1] - n_prompt
+    seen = {}
+    def keep_input(module, args, output): seen['h'] = args[0]
+    # the model's own forward, so its final transforms apply (Gemma-2's logit softcapping, Cohere's logit_scale),
+    # as in generation; the head's input, caught by a hook, is the hidden state the value head reads
+    hook = model.get_output_embeddings().register_forward_hook(keep_input) if value_head is not None else None
+    try:
+        # logits at the last R + 1 positions only: the last prompt token and the R response tokens
+        fwd = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=R + 1, use_cache=False)
+    finally:
+        if hook is not None: hook.remove()
+    # the last position predicts past the response: drop it, and the rest predict the response tokens one by one
+    logits = fwd.logits[:, :-1].float() / temperature
     resp = ids[:, n_prompt:]
     out = dict(logprobs=logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1))
-    if value_head is not None: out['values'] = value_head(hs.float())
+    if value_head is not None: out['values'] = value_head(seen['h'][:, :-1].float())
     if entropy: out['entropy'] = entropy_from_logits(logits)
     return out
 
@@ -262,7 +261,7 @@ def train_ppo(policy, # a causal LM; with LoRA layers, the reference is the same
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 0, total))
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     hist = History(); hist.value_head, hist.rollouts = vh, []
-    policy.eval()                                              # no dropout: the ratio is exactly 1 before the first update
+    policy.eval()                                              # no dropout: the ratio is 1 before the first update
     for it in range(cfg.iterations):
         t0 = time.time()
         batch = [rows[i] for i in batch_indices(it, cfg.batch_size, len(rows), cfg.seed)]

@@ -5,7 +5,7 @@ from ftcourse.core import tiny_model, load_course_dataset, set_seed
 from ftcourse.sft import preference_dataset, collate_preference
 from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.train import TrainConfig, train
-from ftcourse.ppo import adapters_disabled
+from ftcourse.lora import adapters_disabled
 from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, dpo_loss, pair_metrics, collate_dpo,
                           precompute_ref_logps, frozen_copy, dpo_loss_fn, trl_dpo_trainer, trl_loss_metrics, compare_metrics,
                           TRL_DPO_METRICS, train_dpo, preference_metrics, evaluate_pairs)
@@ -102,10 +102,10 @@ def test_three_references_agree(rows):
         p, m = dpo_loss_fn(0.1)(policy, col(precompute_ref_logps(policy, exs, tok, adapters=False)))
     torch.testing.assert_close(a, f, rtol=1e-6, atol=0); torch.testing.assert_close(a, p, rtol=1e-6, atol=0)
     assert abs(a.item() - 0.6931472) > 1e-4
-    # the context manager restores the scaling, also after an exception
+    # the context manager switches the adapters back on, also after an exception
     with pytest.raises(RuntimeError):
         with adapters_disabled(policy): raise RuntimeError
-    assert all(l.scaling == 2.0 for l in lora_layers(policy).values())
+    assert all(l.adapters_enabled for l in lora_layers(policy).values())
 
 def test_no_reference_is_an_error(rows):
     m, tok = tiny_model()
