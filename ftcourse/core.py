@@ -16,9 +16,9 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
-           'set_seed', 'get_device', 'Settings', 'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable',
-           'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable', 'load_model',
-           'tiny_tokenizer', 'tiny_model', 'require']
+           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'set_seed', 'get_device', 'Settings', 'course_settings',
+           'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
+           'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -50,11 +50,22 @@ class Settings:
     n_eval:int = 48            # held-out examples scored with the judge
     max_new_tokens:int = 24    # tokens generated per answer when scoring
     lr:float = 2e-4            # learning rate for LoRA-style runs
+    micro_batch_size:int = 4   # sequences (or preference pairs) per forward/backward; a step accumulates the rest
     device:str = 'cpu'         # where it runs
 
+    def __post_init__(self):
+        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+
+    def micro_batch_for(self, batch_size:int) -> int:
+        "The largest micro-batch that divides `batch_size` and is no larger than `micro_batch_size` (e.g. for pairs)."
+        return max(d for d in range(1, min(batch_size, self.micro_batch_size) + 1) if batch_size % d == 0)
+
 CPU_SETTINGS = Settings()
+# micro_batch_size=2: a full fine-tune of the 360M model on 512 tokens fits a 16 GB T4 only in micro-batches of 2 or
+# fewer (chapter 4's estimator; tests/test_gpu_fit.py checks every chapter's GPU workload against the T4)
 GPU_SETTINGS = Settings(model="HuggingFaceTB/SmolLM2-360M-Instruct", steps=300, full_steps=300, batch_size=16, max_len=512,
-                        eval_every=50, n_eval=200, max_new_tokens=48, device='cuda')
+                        eval_every=50, n_eval=200, max_new_tokens=48, micro_batch_size=2, device='cuda')
 
 def course_settings(device:str|torch.device|None=None, # 'cpu', 'cuda', ...; default: `get_device()`
                     **overrides # any `Settings` field, e.g. `steps=10`
@@ -62,6 +73,9 @@ def course_settings(device:str|torch.device|None=None, # 'cpu', 'cuda', ...; def
     "The CPU profile or the GPU profile for `device`, with `overrides` applied."
     device = torch.device(device) if device is not None else get_device()
     base = GPU_SETTINGS if device.type == 'cuda' else replace(CPU_SETTINGS, device=device.type)
+    if 'batch_size' in overrides and 'micro_batch_size' not in overrides:
+        # another batch keeps the largest micro-batch that divides it and is no larger than the profile's
+        overrides['micro_batch_size'] = base.micro_batch_for(overrides['batch_size'])
     return replace(base, **overrides)
 
 # %% ../nbs/00_core.ipynb #33b2432b
@@ -242,6 +256,48 @@ def tiny_model(seed:int=0, # seed for the random weights
     model = LlamaForCausalLM(LlamaConfig(**{**cfg, **config}))
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
+
+# %% ../nbs/00_core.ipynb #5b7e0a02
+T4_BYTES = 15 * 2**30   # what a 16 GB T4 offers to PyTorch (`nvidia-smi`: 15360 MiB)
+T4_MARGIN = 0.8         # the share of it an estimate may use
+
+@dataclass(frozen=True)
+class Workload:
+    "The heaviest step a chapter takes on the GPU profile, as chapter 4's memory estimator needs it."
+    method:str                 # 'full', 'lora' or 'qlora' (DoRA and the prompt methods count as 'lora')
+    micro_batch_size:int       # items in one forward/backward
+    seq_len:int                # tokens per sequence, at most
+    seqs_per_item:int = 1      # 2 for preference pairs: chosen and rejected go through the model together
+    grad_checkpointing:bool = False
+    other_models:tuple = ()    # other models on the GPU at the same time (untouched copies, a reward model)
+    model:str = GPU_SETTINGS.model
+
+_G = GPU_SETTINGS
+GPU_WORKLOADS = {   # chapter notebook -> its workloads on the GPU profile
+    '02b_train': (Workload('full', _G.micro_batch_size, _G.max_len),),
+    '03_lora': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # + the untouched copy
+                Workload('full', _G.micro_batch_size, _G.max_len, other_models=(_G.model,) * 2)),   # its cost comparison
+    '03a_peft_methods': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # a fresh copy per method
+                         Workload('lora', _G.batch_size, _G.max_len, other_models=(_G.model,) * 5)),   # step costs: 5 copies
+    '04_nf4': (Workload('qlora', _G.micro_batch_size, _G.max_len, other_models=(DEFAULT_MODEL,)),),   # + the bnb comparison's
+    '05_checkpointing': (Workload('full', 4, 512, model=DEFAULT_MODEL),),   # the CUDA peak-memory cell: 4 x 512 tokens
+    '06_reward': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
+    '07_ppo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),   # the reward model's training
+               Workload('lora', 4, _G.max_len // 2, other_models=(_G.model,))),   # PPO: minibatches of 4 prompts + responses
+    '08_dpo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
+    '09_orpo': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),
+}
+
+def workload_bytes(w:Workload) -> dict:
+    "Chapter 4's estimate for workload `w`, in bytes, with the weights of its other models added (`other_models`)."
+    from transformers import LlamaConfig
+    from ftcourse.quant import estimate_training_memory, llama_param_counts   # chapter 4 builds on this module
+    cfg = lambda name: LlamaConfig(**SMOLLM2_CONFIGS[name])
+    e = estimate_training_memory(cfg(w.model), w.method, w.micro_batch_size * w.seqs_per_item, w.seq_len, lora_r=8,
+                                 grad_checkpointing=w.grad_checkpointing)
+    e['other_models'] = sum(4 * sum(llama_param_counts(cfg(m)).values()) for m in w.other_models)
+    e['total'] += e['other_models']
+    return e
 
 # %% ../nbs/00_core.ipynb #08345f13
 def require(module:str, # the module to import, e.g. 'peft'
