@@ -1,9 +1,10 @@
-"The `ftcourse` command: configuration from YAML and flags, clear errors before training, run folders, logs, two processes."
+"The `ftcourse` command: configuration from YAML and flags, clear errors before training, run folders, logs."
 import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from ftcourse.cli import (main, load_config, ConfigError, RunConfig, run, load_run, params_table, memory_table, read_run_config)
+from ftcourse.cli import main, params_table, memory_table
+from ftcourse.runs import load_config, ConfigError, RunConfig, run, load_run, read_run_config
 
 def cli(*argv):
     "Run `ftcourse argv...` in this process; returns (status, stdout, stderr)."
@@ -124,47 +125,32 @@ def test_chat_with_a_finished_run(tmp_path):
     rc, out, err = cli('chat', '--run', tmp_path/'r', '--prompt', 'hi', '--max-new-tokens', 4)
     assert rc == 0 and f"run {tmp_path/'r'}" in err
 
-def test_two_processes_match_one_process(tmp_path):
-    "torchrun with 2 CPU processes (gloo) and the same global batch: the same losses and the same trained weights."
-    args = ['sft', *TINY, '--adapter', 'full', '--steps', 3, '--warmup-steps', 0, '--learning-rate', 1e-3]
-    ftc = shutil.which('ftcourse') or str(Path(sys.executable).parent/'ftcourse')
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    one = subprocess.run([ftc, *map(str, args), '--output-dir', tmp_path/'one'], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533', ftc,
-                          *map(str, args), '--output-dir', tmp_path/'two'], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count('saved sft run') == 2   # both ranks trained
-    import csv
-    l1, l2 = ([float(r['loss']) for r in csv.DictReader(open(tmp_path/d/'metrics.csv'))] for d in ('one', 'two'))
-    assert len(l1) == len(l2) == 3 and l1 == pytest.approx(l2, rel=1e-6)
-    a, b = load_file(tmp_path/'one'/'trainable.safetensors'), load_file(tmp_path/'two'/'trainable.safetensors')
-    from ftcourse.core import tiny_model
-    init = dict(tiny_model()[0].named_parameters())
-    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-4             # the weights moved...
-    for k in a: torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # ...the same way in both runs
-
 def test_reward_and_dpo_runs_chain_off_the_sft_run(tmp_path):
     "reward and dpo from a finished SFT run (base_run): the SFT weights are merged in first, the run folders reload."
-    from ftcourse.cli import load_reward_run
+    from ftcourse.runs import load_reward_run
     from ftcourse.reward import reward_metrics
     from ftcourse.core import load_course_dataset
     assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-3, '--warmup-steps', 0, '--output-dir', tmp_path/'sft')[0] == 0
-    rc, out, err = cli('reward', *TINY, '--steps', 2, '--base-run', tmp_path/'sft', '--output-dir', tmp_path/'rm')
-    assert rc == 0, err
-    assert 'pairs kept' in out and 'dropped' in out       # the data report is shown, drops counted
+    o = io.StringIO()
+    with contextlib.redirect_stdout(o):
+        trained = run(load_config(overrides=dict(method='reward', model='tiny', n_eval=8, eval_every=0, batch_size=4, steps=2,
+                                                 base_run=str(tmp_path/'sft'), output_dir=str(tmp_path/'rm'))), device='cpu')
+    assert 'pairs kept' in o.getvalue() and 'dropped' in o.getvalue()     # the data report is shown, drops counted
     rm, tok = load_reward_run(tmp_path/'rm')
     saved = load_file(tmp_path/'rm'/'trainable.safetensors')
     assert 'head.weight' in saved and torch.equal(rm.head.weight, saved['head.weight'])
+    # the reloaded reward model (adapters merged) scores held-out pairs as the model that just trained did
     rows = list(load_course_dataset('preference', 'test'))[:8]
-    assert 0 <= reward_metrics(rm, tok, rows)['accuracy'] <= 1
+    reloaded, in_process = reward_metrics(rm, tok, rows), reward_metrics(trained['model'], tok, rows)
+    for k in ('chosen', 'rejected'): torch.testing.assert_close(torch.tensor(reloaded[k]), torch.tensor(in_process[k]), rtol=0, atol=1e-5)
+    assert reloaded['accuracy'] == in_process['accuracy']
     rc, out, err = cli('dpo', *TINY, '--steps', 2, '--beta', 0.2, '--base-run', tmp_path/'sft', '--output-dir', tmp_path/'dpo')
     assert rc == 0, err
     sft, _ = load_run(tmp_path/'sft'); dpo, _ = load_run(tmp_path/'dpo')
     x = torch.randint(0, len(tok), (1, 10))
     with torch.no_grad(): assert not torch.allclose(sft(x).logits, dpo(x).logits)   # DPO moved the SFT model
     with pytest.raises(ConfigError, match='reward model, not a policy'): load_run(tmp_path/'rm')
-    rc, out, err = cli('ppo', *TINY, '--reward-model', tmp_path/'sft', '--output-dir', tmp_path/'ppo')
+    rc, out, err = cli('ppo', '--model', 'tiny', '--reward-model', tmp_path/'sft', '--output-dir', tmp_path/'ppo')
     assert rc == 2 and 'is a sft run, not a reward model' in err, err
 
 def test_tour_quick_writes_the_report_and_every_run(tmp_path):
@@ -191,3 +177,86 @@ def test_tour_quick_writes_the_report_and_every_run(tmp_path):
     assert '| method | judge |' in stdout
     rc, stdout, err = cli('tour', '--model', 'tiny', '--quick', '--out', out)
     assert rc == 2 and 'already holds a tour' in err
+
+# ---- every user error: one line on stderr, exit status 2; --debug adds the traceback
+
+def _mistakes(tmp_path):
+    "(argv, a phrase the line must hold) for each kind of mistake a user can make."
+    (tmp_path/'typo.yaml').write_text("method: dpo\nleraning_rate: 1e-4\n")
+    (tmp_path/'broken.yaml').write_text("steps: [1,\n")
+    (tmp_path/'bad.jsonl').write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path/'notjson.jsonl').write_text('{"messages": \n')
+    (tmp_path/'latin1.jsonl').write_bytes(b'{"messages": "caf\xe9"}\n')
+    (tmp_path/'folder.jsonl').mkdir()
+    (tmp_path/'notes').mkdir()
+    (tmp_path/'notes'/'thesis.tex').write_text('precious')
+    crashed = tmp_path/'crashed'          # a run folder whose run never finished: config.yaml and no weights
+    crashed.mkdir()
+    (crashed/'config.yaml').write_text("method: sft\nmodel: tiny\n")
+    return [
+        (['chat', '--model', 'typo/not-a-model', '--prompt', 'hi'], "Could not load the model 'typo/not-a-model'"),
+        (['sft', '--model', 'typo/not-a-model', '--output-dir', tmp_path/'o1'], "Could not load the model"),
+        (['sft', '--model', 'tiny', '--dataset', tmp_path/'nothere.jsonl'], 'no such file'),
+        (['sft', '--model', 'tiny', '--dataset', tmp_path/'folder.jsonl'], 'is a folder'),
+        (['sft', '--config', tmp_path/'missing.yaml'], 'no such file'),
+        (['sft', '--config', tmp_path/'notes'], 'is a folder'),
+        (['sft', '--model', 'tiny', '--dataset', tmp_path/'bad.jsonl', '--output-dir', tmp_path/'o2'], 'row 1'),
+        (['sft', '--model', 'tiny', '--dataset', tmp_path/'notjson.jsonl', '--output-dir', tmp_path/'o3'], 'not valid JSON'),
+        (['sft', '--model', 'tiny', '--dataset', tmp_path/'latin1.jsonl', '--output-dir', tmp_path/'o4'], 'not UTF-8'),
+        (['dpo', '--config', tmp_path/'typo.yaml'], "did you mean 'learning_rate'"),
+        (['sft', '--config', tmp_path/'broken.yaml'], 'not valid YAML'),
+        (['chat', '--run', tmp_path/'notes', '--prompt', 'hi'], 'not a run folder'),
+        (['chat', '--run', crashed, '--prompt', 'hi'], 'no trainable.safetensors'),
+        (['sft', '--model', 'tiny', '--base-run', tmp_path/'notes'], 'not a run folder'),
+        (['ppo', '--model', 'tiny', '--reward-model', tmp_path/'notes'], 'not a run folder'),
+        (['sft', '--model', 'tiny', '--output-dir', tmp_path/'notes'], 'not a run'),
+        (['ppo', '--model', 'tiny', '--warmup-steps', 5], 'ppo does not support warmup_steps=5'),
+        (['sft', '--model', 'tiny', '--beta', 0.3], 'has no effect on a sft run'),
+        (['sft', '--lora-rank', 4], 'unrecognized arguments: --lora-rank'),
+        (['memory', '--dtype', 'int3'], "invalid choice: 'int3'"),
+        (['params', '--model', 'no/such-model-offline'], 'no config for'),
+        (['tour', '--model', 'tiny', '--quick', '--out', tmp_path/'notes'], 'not a tour'),
+    ]
+
+def test_every_user_error_is_one_line_and_status_2(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    for argv, phrase in _mistakes(tmp_path):
+        rc, out, err = cli(*argv)
+        assert rc == 2, (argv, rc, err[-2000:])
+        assert err.count('\n') == 1 and err.endswith('\n'), (argv, err[-2000:])   # exactly one line, no traceback
+        assert phrase in err, (argv, err)
+    assert (tmp_path/'notes'/'thesis.tex').read_text() == 'precious'
+    assert not any((tmp_path/o).exists() for o in ('o1', 'o2', 'o3', 'o4'))    # nothing written before the error
+
+def test_debug_shows_the_traceback(tmp_path):
+    rc, out, err = cli('sft', '--model', 'tiny', '--dataset', tmp_path/'nothere.jsonl', '--debug')
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[0] == 'Traceback (most recent call last):' and len(lines) > 3
+    assert lines[-1].startswith('ftcourse sft: error: ') and 'no such file' in lines[-1]
+
+def test_the_console_script_prints_one_line(tmp_path):
+    "The installed `ftcourse` command in a fresh process, offline: the two inputs that used to print tracebacks."
+    ftc = shutil.which('ftcourse') or str(Path(sys.executable).parent/'ftcourse')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    for argv in (['chat', '--model', 'typo/not-a-model', '--prompt', 'hi'], ['sft', '--model', 'tiny', '--dataset', 'nothere.jsonl']):
+        r = subprocess.run([ftc, *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stdout == '' and r.stderr.count('\n') == 1, (argv, r.stderr[-3000:])
+        assert r.stderr.startswith(f'ftcourse {argv[0]}: error: ')
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    "Only user errors become one line: anything else is a bug, and its traceback is not hidden."
+    import ftcourse.cli as cli_module
+    def broken(args): raise ZeroDivisionError('a bug')
+    monkeypatch.setattr(cli_module, 'cmd_params', broken)
+    with pytest.raises(ZeroDivisionError): main(['params'])
+
+def test_chat_with_a_local_model_folder(tmp_path):
+    "`ftcourse chat --model PATH` loads a folder written by `save_pretrained`, as a merged export is, and answers as the model does."
+    from ftcourse.core import tiny_model
+    from ftcourse.cli import chat_reply
+    model, tok = tiny_model()
+    model.save_pretrained(tmp_path/'merged')
+    tok.save_pretrained(tmp_path/'merged')
+    rc, out, err = cli('chat', '--model', tmp_path/'merged', '--prompt', 'hi', '--max-new-tokens', 6)
+    assert rc == 0, err
+    assert out.rstrip('\n') == chat_reply(model, tok, [dict(role='user', content='hi')], max_new_tokens=6)

@@ -1,0 +1,93 @@
+"`ftcourse.runs`: every option takes effect in its method or is refused naming the method; one writer per run folder."
+import contextlib, inspect, io, json
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+from ftcourse.runs import (FIXED, METHOD_ONLY, METHODS, ConfigError, RunConfig, is_main_process, load_config, load_run,
+                           read_run_config, run)
+
+TINY = dict(model='tiny', n_eval=8, batch_size=4, learning_rate=1e-3)
+PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, learning_rate=1e-3)   # PPO holds no rows out: no n_eval
+
+@pytest.mark.parametrize('option, value', [('warmup_steps', 5), ('weight_decay', 0.1), ('eval_every', 5),
+                                           ('log_with', 'tensorboard'), ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16)])
+def test_ppo_refuses_each_option_it_would_ignore(option, value):
+    with pytest.raises(ConfigError, match=rf"{option}=.* ppo"): load_config(overrides=dict(method='ppo', **{option: value}))
+
+@pytest.mark.parametrize('option, value', [('beta', 0.3), ('orpo_lambda', 0.5), ('reward_model', 'runs/reward'),
+                                           ('ppo_max_new_tokens', 8), ('ppo_kl_coef', 0.2), ('ppo_epochs', 4)])
+def test_other_methods_refuse_an_option_they_would_ignore(option, value):
+    for method in METHODS:
+        if method in METHOD_ONLY[option]: continue
+        with pytest.raises(ConfigError, match=f"has no effect on a {method} run"):
+            load_config(overrides=dict(method=method, **{option: value}))
+
+def test_every_option_is_read_by_every_method_or_listed():
+    "An option that is neither used by all methods nor listed as method-only or fixed would slip through unchecked."
+    from ftcourse import runs
+    source = inspect.getsource(runs.fit) + inspect.getsource(runs.train_config) + inspect.getsource(runs.load_rows) + \
+             inspect.getsource(runs.build_model) + inspect.getsource(runs.add_adapter) + inspect.getsource(runs._lora_targets)
+    unread = [f for f in RunConfig.__dataclass_fields__ if f'cfg.{f}' not in source and f not in METHOD_ONLY]
+    assert set(unread) <= {'method', 'output_dir', 'overwrite', 'seed'}, unread   # these four run() and the folder use
+
+def test_ppo_fixed_values_are_what_train_ppo_runs_with():
+    "The values a ppo run is pinned to are the ones chapter 7's train_ppo uses: AdamW's default decay, no warmup."
+    from ftcourse.ppo import train_ppo
+    assert inspect.signature(torch.optim.AdamW).parameters['weight_decay'].default == FIXED['ppo']['weight_decay'][0]
+    src = inspect.getsource(train_ppo)
+    assert 'weight_decay' not in src and 'cosine_with_warmup(s, 0, total)' in src
+    cfg = load_config(overrides=dict(method='ppo'))
+    assert (cfg.warmup_steps, cfg.weight_decay, cfg.eval_every, cfg.log_with) == (0, 0.01, 0, None)
+    with pytest.raises(ConfigError, match='ppo does not support'): run(RunConfig(method='ppo', model='tiny'))   # built directly
+
+def test_ppo_run_uses_sequence_len_and_all_rows(tmp_path):
+    "sequence_len keeps only prompts with room for the new tokens; a ppo run holds no rows out and reloads."
+    rows = [dict(prompt='What is 2+2?' + ' Think.' * (i % 5) * 8, answer='4') for i in range(20)]
+    (tmp_path/'p.jsonl').write_text(''.join(json.dumps(dict(prompt=r['prompt'], chosen='4', rejected='5', answer='4')) + '\n'
+                                            for r in rows))
+    from ftcourse.core import tiny_model
+    from ftcourse.sft import chat_ids
+    tok = tiny_model()[1]
+    lengths = [len(chat_ids(tok, [dict(role='user', content=r['prompt'])], add_generation_prompt=True)) for r in rows]
+    seq_len = sorted(lengths)[10] + 4     # room for the shorter half or so
+    expect = sum(n + 4 <= seq_len for n in lengths)
+    assert 0 < expect < len(rows)
+    o = io.StringIO()
+    with contextlib.redirect_stdout(o):
+        res = run(load_config(overrides=dict(PPO_TINY, steps=1, dataset=str(tmp_path/'p.jsonl'),
+                                             sequence_len=seq_len, ppo_max_new_tokens=4, output_dir=str(tmp_path/'ppo'))), device='cpu')
+    assert f"{expect} prompts kept, {len(rows) - expect} dropped" in o.getvalue()
+    assert 'held out' not in o.getvalue()
+    assert read_run_config(tmp_path/'ppo').weight_decay == 0.01 and (tmp_path/'ppo'/'value_head.safetensors').exists()
+    with pytest.raises(ConfigError, match='no prompt fits'):
+        run(load_config(overrides=dict(PPO_TINY, steps=1, dataset=str(tmp_path/'p.jsonl'), sequence_len=min(lengths) + 3,
+                                       ppo_max_new_tokens=4, output_dir=str(tmp_path/'none'))), device='cpu')
+
+def test_only_the_main_process_writes_the_run_folder(tmp_path, monkeypatch):
+    "A process that is not rank 0 trains but leaves config.yaml, metrics, weights and summary to the main process."
+    assert is_main_process()
+    monkeypatch.setenv('RANK', '1')
+    assert not is_main_process()
+    res = run(load_config(overrides=dict(TINY, steps=1, eval_every=0, output_dir=str(tmp_path/'r'))), device='cpu')
+    written = {p.name for p in (tmp_path/'r').glob('*')} if (tmp_path/'r').exists() else set()
+    assert not written & {'config.yaml', 'metrics.csv', 'trainable.safetensors', 'summary.json'}, written
+    assert res['history'] and res['trainable_params'] > 0     # it did train
+
+def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path):
+    "--base-run accepts a peft LoRA folder: the run's starting model is the base with peft's adapter merged in."
+    pytest.importorskip('peft')
+    export = pytest.importorskip('ftcourse.export')
+    if not hasattr(export, 'load_peft_adapter'): pytest.skip('ftcourse.export has no load_peft_adapter yet')
+    from peft import LoraConfig, get_peft_model
+    from ftcourse.core import tiny_model
+    from ftcourse.cli import main
+    base, tok = tiny_model()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path/'adapter')
+    x = torch.randint(0, len(tok), (2, 9))
+    with torch.no_grad(): want = peft_model(input_ids=x).logits
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(['sft', '--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '1', '--learning-rate', '1e-9',
+                     '--base-run', str(tmp_path/'adapter'), '--output-dir', str(tmp_path/'r')]) == 0
+    got = load_run(tmp_path/'r', peft_loader=export.load_peft_adapter)[0]
+    with torch.no_grad(): torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)   # lr 1e-9: the start, merged
