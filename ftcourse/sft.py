@@ -14,8 +14,8 @@ IGNORE_INDEX = -100
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences', 'collate_sft',
-           'PreferenceReport', 'preference_dataset', 'collate_preference', 'sft_loss', 'sft_loss_fn', 'trl_sft_batch',
-           'prompt_messages', 'generate_responses', 'judge_score']
+           'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference', 'sft_loss',
+           'sft_loss_fn', 'trl_sft_batch', 'prompt_messages', 'generate_responses', 'judge_score']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -102,7 +102,12 @@ class PreferenceReport:
         return (f"{self.kept} pairs kept; {n} dropped ({len(self.prompt_too_long)} with the prompt, "
                 f"{len(self.response_too_long)} with a response longer than max_len)")
 
-def preference_dataset(rows, # preference rows with `prompt`, `chosen`, `rejected` (lists of messages)
+def preference_messages(row:dict) -> tuple[list[dict], list[dict], list[dict]]:
+    "A preference row's prompt, chosen and rejected as messages: a text prompt is a user turn, a text answer an assistant turn."
+    turn = lambda v, role: [dict(role=role, content=v)] if isinstance(v, str) else list(v)
+    return turn(row['prompt'], 'user'), turn(row['chosen'], 'assistant'), turn(row['rejected'], 'assistant')
+
+def preference_dataset(rows, # preference rows with `prompt`, `chosen`, `rejected` (messages, or text)
                        tok, max_len:int=128, # longest sequence in tokens (prompt + response)
                        verbose:bool=True, # print the report
                       ) -> tuple[list[dict], PreferenceReport]:
@@ -110,9 +115,10 @@ def preference_dataset(rows, # preference rows with `prompt`, `chosen`, `rejecte
     out, rep = [], PreferenceReport()
     for i, row in enumerate(rows):
         validate_row(row, 'preference', f"row {i}")
-        c = build_sft_example(tok, row['prompt'] + row['chosen'], max_len)
+        prompt, chosen, rejected = preference_messages(row)
+        c = build_sft_example(tok, prompt + chosen, max_len)
         if c['prompt_too_long']: rep.prompt_too_long.append(i); continue
-        r = build_sft_example(tok, row['prompt'] + row['rejected'], max_len)
+        r = build_sft_example(tok, prompt + rejected, max_len)
         if c['truncated'] or r['truncated']: rep.response_too_long.append(i); continue
         rep.kept += 1
         out.append(dict(chosen_input_ids=c['input_ids'], chosen_labels=c['labels'],

@@ -3,7 +3,7 @@ import copy
 import pytest, torch
 from ftcourse.core import tiny_model, load_model, load_course_dataset
 from ftcourse.sft import (build_sft_example, sft_dataset, collate_sft, sft_loss, sft_loss_fn, trl_sft_batch, IGNORE_INDEX,
-                          judge_score, pad_id, preference_dataset, collate_preference)
+                          judge_score, pad_id, preference_dataset, preference_messages, collate_preference)
 from ftcourse.data import DatasetFormatError
 
 @pytest.fixture(scope='module')
@@ -106,3 +106,22 @@ def test_preference_pairs_are_two_sft_examples_and_drop_whole(tiny):
     pairs, rep = preference_dataset([long_answer, prefs[2], long_prompt], tok, max_len=256, verbose=False)
     assert rep.kept == 1 and rep.response_too_long == [0] and rep.prompt_too_long == [2] and '2 dropped' in str(rep)
     with pytest.raises(DatasetFormatError, match='row 0'): preference_dataset([dict(prefs[0], chosen=[])], tok, verbose=False)
+
+def test_text_form_preference_rows(tiny, tmp_path):
+    "Rows with a text prompt and text answers (trl's format, which validation accepts) tokenize as one user and one assistant turn."
+    import json
+    m, tok = tiny
+    prefs = load_course_dataset('preference', 'train').select(range(3))
+    text = [dict(prompt=r['prompt'][0]['content'], chosen=r['chosen'][0]['content'], rejected=r['rejected'][0]['content'])
+            for r in prefs]
+    assert preference_messages(text[0]) == (prefs[0]['prompt'], prefs[0]['chosen'], prefs[0]['rejected'])
+    mixed = dict(prefs[1], chosen=text[1]['chosen'])                  # messages and text in one row
+    ours, rep = preference_dataset(text + [mixed], tok, verbose=False)
+    want, _ = preference_dataset(list(prefs) + [prefs[1]], tok, verbose=False)
+    assert rep.kept == 4 and ours == want
+    # through a JSONL file, as a user would bring them: validation and tokenization agree
+    f = tmp_path/'pairs.jsonl'
+    f.write_text(''.join(json.dumps(r) + '\n' for r in text))
+    assert preference_dataset(load_course_dataset(str(f), kind='preference'), tok, verbose=False)[0] == want[:3]
+    with pytest.raises(DatasetFormatError, match='row 1'):
+        preference_dataset([text[0], dict(text[1], rejected='  ')], tok, verbose=False)
