@@ -1,0 +1,100 @@
+"""Two processes on the CPU (torchrun, gloo) against one: each process trains on half of each global batch, gradients
+are averaged across processes (DDP) or reduce-scattered over shards (FSDP2), only the main process writes, and the
+losses and trained weights are those of one process that sees the whole batch."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_train import examples, config, CLI_ARGS
+from ftcourse.core import tiny_model
+from ftcourse.sft import sft_loss_fn
+from ftcourse.train import train, batch_indices, trainable_state_dict
+
+# fp32 on the CPU. Two processes sum the gradient in another order than one process's four micro-batches, so the
+# results agree to rounding, not bit for bit: losses within a relative 1e-5, weights (after three AdamW steps) within
+# an absolute 1e-5 (the learning rate is 1e-3, so this is 1% of one step).
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+    "One torchrun launch of two processes: the `ftcourse sft` command, then the loop with DDP, then with FSDP."
+    work = tmp_path_factory.mktemp('dist')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541',
+           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp']
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in ('cli', 'ddp', 'fsdp') for r in (0, 1)}
+    return work, reports, p.stdout
+
+@pytest.fixture(scope='module')
+def data(): return examples()
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory, data):
+    "The same run in one process (this one): the whole global batch, in four micro-batches of one sequence."
+    exs, coll = data
+    model, _ = tiny_model()
+    hist = train(model, sft_loss_fn, exs, config('ddp', tmp_path_factory.mktemp('one')), collate_fn=coll, eval_data=exs[-4:])
+    return hist, trainable_state_dict(model)
+
+@pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
+def test_each_rank_trains_on_half_of_each_global_batch(launched, data, strategy):
+    work, reports, _ = launched
+    exs, _ = data
+    for rank in (0, 1):
+        rep = reports[strategy, rank]
+        assert rep['world'] == 2 and rep['distributed_type'] == 'DistributedType.MULTI_CPU'
+        # its share: every other example of each step's batch, starting at its rank (2 of 4 per step, 3 steps)
+        expected = [i for step in range(3) for i in batch_indices(step, 4, len(exs))[rank::2]]
+        assert rep['seen'] == expected
+    a, b = (set(reports[strategy, r]['seen']) for r in (0, 1))
+    assert not a & b and len(a | b) == 12                       # disjoint halves that cover every global batch
+
+@pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
+def test_only_the_main_process_writes(launched, strategy):
+    work, reports, _ = launched
+    assert reports[strategy, 1]['writes'] == []
+    written = {p for _, p in reports[strategy, 0]['writes']}
+    assert f'{strategy}/metrics.jsonl' in written and any(p.startswith(f'{strategy}/.tmp-checkpoint-') for p in written)
+    names = sorted(p.name for p in (work/'runs'/strategy).iterdir())
+    assert names == ['checkpoint-000002', 'checkpoint-000003', 'metrics.jsonl']
+    lines = [json.loads(l) for l in (work/'runs'/strategy/'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in lines] == [0, 1, 2, 3, 3]        # one line per record: no second writer
+
+@pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
+def test_two_processes_equal_one_process(launched, one_process, strategy):
+    work, reports, _ = launched
+    hist, w1 = one_process
+    for rank in (0, 1):
+        h2 = reports[strategy, rank]['history']
+        assert [r['step'] for r in h2] == [r['step'] for r in hist]
+        assert [r.get('items') for r in h2] == [r.get('items') for r in hist]           # the global item count
+        for key in ('loss', 'eval_loss', 'grad_norm'):
+            l1, l2 = [r[key] for r in hist if key in r], [r[key] for r in h2 if key in r]
+            assert l1 and l2 == pytest.approx(l1, rel=LOSS_RTOL), key
+        w2 = load_file(work/f'{strategy}-rank{rank}.safetensors')
+        assert w2.keys() == w1.keys()
+        for k in w1: torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL)
+    init = dict(tiny_model()[0].named_parameters())
+    assert max((w1[k] - init[k]).abs().max() for k in w1) > 1e-4  # the weights moved, so the comparison means something
+    ck = load_file(work/'runs'/strategy/'checkpoint-000003'/'trainable.safetensors')  # the checkpoint holds whole tensors
+    for k in w1: torch.testing.assert_close(ck[k], w1[k], rtol=0, atol=WEIGHT_ATOL)
+
+def test_the_command_writes_one_run_folder_from_rank_0(launched, tmp_path):
+    "`torchrun ... ftcourse sft`: one run folder, written by rank 0 alone, and the one-process command's losses."
+    import csv, contextlib, io
+    from ftcourse.cli import main
+    work, reports, stdout = launched
+    assert reports['cli', 0]['world'] == 2
+    assert reports['cli', 1]['writes'] == [], reports['cli', 1]['writes'][:5]
+    assert {p.split('/')[0] for _, p in reports['cli', 0]['writes']} <= {'.', 'cli'}           # '.': the parent folder
+    assert 'cli/trainable.safetensors' in {p for _, p in reports['cli', 0]['writes']} or (work/'runs'/'cli'/'trainable.safetensors').exists()
+    with contextlib.redirect_stdout(io.StringIO()): main([*CLI_ARGS, '--output-dir', str(tmp_path/'one')])
+    l1, l2 = ([float(r['loss']) for r in csv.DictReader(open(d/'metrics.csv'))] for d in (tmp_path/'one', work/'runs'/'cli'))
+    assert len(l1) == 3 and l2 == pytest.approx(l1, rel=LOSS_RTOL)
+    a, b = load_file(tmp_path/'one'/'trainable.safetensors'), load_file(work/'runs'/'cli'/'trainable.safetensors')
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=0, atol=WEIGHT_ATOL)
