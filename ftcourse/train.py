@@ -78,6 +78,12 @@ def _is_main() -> bool: return not torch.distributed.is_initialized() or torch.d
 
 def _sharded(model) -> bool: return any(hasattr(p, 'full_tensor') for p in model.parameters())
 
+def _reshard(model):
+    "FSDP keeps the root's parameters whole after a forward without backward (an evaluation): shard them again."
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule): m.reshard()
+
 def trainable_state_dict(model) -> dict:
     "The trainable parameters as whole CPU tensors. FSDP shards are gathered, so under FSDP every process must call it."
     return {n: (p.full_tensor() if hasattr(p, 'full_tensor') else p).detach().cpu().contiguous()
@@ -86,6 +92,7 @@ def trainable_state_dict(model) -> dict:
 def save_checkpoint(out_dir, step:int, model, optimizer, scheduler, history:list, cfg:TrainConfig) -> Path:
     "Atomically write checkpoint-`step` under `out_dir` and prune old ones; returns its path. Every process calls it; only the main one writes."
     from safetensors.torch import save_file
+    _reshard(model)                        # the parameters the optimizer holds are the shards
     trainable = trainable_state_dict(model)
     if _sharded(model):                    # FSDP: gather the optimizer's state too, keyed by parameter name
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
@@ -251,6 +258,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         with acc.autocast():
             if eval_data is not None: row.update(evaluate(_unwrap(model), loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
             if eval_fn is not None: row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(_unwrap(model)).items()})
+        _reshard(model)
         if len(row) > 1: record(row)
 
     if start == 0 and cfg.eval_every: run_eval(0)
@@ -300,6 +308,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
             save_checkpoint(cfg.out_dir, step + 1, model, opt, sched, list(hist), cfg)   # all gather, the main one writes
         acc.wait_for_everyone()            # no process runs ahead of a checkpoint being written
     if cfg.log_with: acc.end_training()
+    _reshard(model)
     _unwrap(model).eval()
     return hist
 

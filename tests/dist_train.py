@@ -2,9 +2,9 @@
 `ftcourse sft` command) and report, per rank, which examples this process trained on, what it wrote to disk, the
 history and the final weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli ddp fsdp
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli ddp fsdp fsdp-resume
 """
-import json, os, sys
+import json, os, shutil, sys
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
@@ -57,6 +57,10 @@ if __name__ == '__main__':
             (work/f'cli-rank{rank}.json').write_text(json.dumps(report))
             writes.clear()
             continue
+        resume = strategy.endswith('-resume')  # a run that starts from the step-2 checkpoint of the run before it
+        if resume:
+            if rank == 0: shutil.copytree(work/'runs'/strategy[:-7]/'checkpoint-000002', work/'runs'/strategy/'checkpoint-000002')
+            torch.distributed.barrier()
         model, _ = tiny_model()
         seen = []
         def loss_fn(m, batch):
@@ -64,7 +68,8 @@ if __name__ == '__main__':
                 for ids, mask in zip(batch['input_ids'].tolist(), batch['attention_mask'].tolist()):
                     seen.append(key[tuple(t for t, a in zip(ids, mask) if a)])
             return sft_loss_fn(m, batch)
-        hist = train(model, loss_fn, exs, config(strategy, work/'runs'/strategy), collate_fn=coll, eval_data=exs[-4:])
+        cfg = config(strategy.removesuffix('-resume'), work/'runs'/strategy)
+        hist = train(model, loss_fn, exs, cfg, collate_fn=coll, eval_data=exs[-4:], resume=resume)
         weights = trainable_state_dict(model)      # FSDP: every process takes part in gathering the shards
         save_file(weights, work/f'{strategy}-rank{rank}.safetensors')
         report = dict(rank=rank, world=state.num_processes, distributed_type=str(state.distributed_type),

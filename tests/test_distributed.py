@@ -24,10 +24,10 @@ def launched(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     env.pop('CUDA_VISIBLE_DEVICES', None)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541',
-           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp']
+           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in ('cli', 'ddp', 'fsdp') for r in (0, 1)}
+    reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in ('cli', 'ddp', 'fsdp', 'fsdp-resume') for r in (0, 1)}
     return work, reports, p.stdout
 
 @pytest.fixture(scope='module')
@@ -83,6 +83,16 @@ def test_two_processes_equal_one_process(launched, one_process, strategy):
     assert max((w1[k] - init[k]).abs().max() for k in w1) > 1e-4  # the weights moved, so the comparison means something
     ck = load_file(work/'runs'/strategy/'checkpoint-000003'/'trainable.safetensors')  # the checkpoint holds whole tensors
     for k in w1: torch.testing.assert_close(ck[k], w1[k], rtol=0, atol=WEIGHT_ATOL)
+
+def test_fsdp_resumes_from_a_checkpoint_exactly(launched):
+    "A sharded run resumed from its step-2 checkpoint (weights scattered, AdamW's state resharded) ends as the whole run."
+    work, reports, _ = launched
+    for rank in (0, 1):
+        rep = reports['fsdp-resume', rank]
+        assert rep['seen'] == reports['fsdp', rank]['seen'][-2:]   # it trained step 3 only
+        whole, resumed = load_file(work/f'fsdp-rank{rank}.safetensors'), load_file(work/f'fsdp-resume-rank{rank}.safetensors')
+        for k in whole: assert torch.equal(whole[k], resumed[k]), k       # the same operations on the same values
+        assert [r['loss'] for r in rep['history'] if 'loss' in r] == [r['loss'] for r in reports['fsdp', rank]['history'] if 'loss' in r]
 
 def test_the_command_writes_one_run_folder_from_rank_0(launched, tmp_path):
     "`torchrun ... ftcourse sft`: one run folder, written by rank 0 alone, and the one-process command's losses."
