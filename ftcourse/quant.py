@@ -15,8 +15,8 @@ from .lora import lora_param_count
 __all__ = ['NF4_CODE', 'DYNAMIC_CODE', 'LLAMA_LINEARS', 'nf4_from_scratch', 'blockwise_absmax_scale', 'nearest_code',
            'pack_nibbles', 'unpack_nibbles', 'dynamic_map', 'lut_quantize', 'quantize_blockwise8',
            'dequantize_blockwise8', 'NF4State', 'quantize_nf4', 'nf4_absmax', 'dequantize_nf4', 'int4_absmax_roundtrip',
-           'NF4Linear', 'nf4_bits_per_param', 'nf4_nbytes', 'llama_shapes', 'llama_param_counts', 'activation_bytes',
-           'estimate_training_memory', 'quantize_lora_bases']
+           'NF4MatMul', 'NF4Linear', 'nf4_bits_per_param', 'nf4_nbytes', 'llama_shapes', 'llama_param_counts',
+           'activation_bytes', 'estimate_training_memory', 'quantize_lora_bases']
 
 # %% ../nbs/04_nf4.ipynb #7f5c70b4
 NF4_CODE = torch.tensor([
@@ -62,7 +62,8 @@ def nearest_code(x:torch.Tensor, # values in [-1, 1], float32
                  code:torch.Tensor, # sorted levels
                 ) -> torch.Tensor:
     "Index of the nearest level; a value exactly half-way between two levels goes to the lower one."
-    return torch.bucketize(x, (code[:-1] + code[1:]) / 2, out_int32=True)
+    midpoints = ((code[:-1] + code[1:]) / 2).to(x.device)
+    return torch.bucketize(x, midpoints, out_int32=True)
 
 # %% ../nbs/04_nf4.ipynb #5514ba98
 def pack_nibbles(q:torch.Tensor, # 4-bit codes (0..15), any shape
@@ -100,8 +101,8 @@ def lut_quantize(x:torch.Tensor, # values in [-1, 1], float32
                  code:torch.Tensor=DYNAMIC_CODE, # sorted 256 levels
                 ) -> torch.Tensor:
     "bitsandbytes' CPU 8-bit rule: snap x to a grid of 65536 points on [-1, 1], then take that grid point's nearest level."
-    key = tuple(code.tolist())
-    if key not in _LUT: _LUT[key] = nearest_code(torch.arange(65536, dtype=torch.float32) / 65535 * 2 - 1, code).to(torch.uint8)
+    key = (tuple(code.tolist()), x.device)   # one table per code and device
+    if key not in _LUT: _LUT[key] = nearest_code(torch.arange(65536, dtype=torch.float32) / 65535 * 2 - 1, code.cpu()).to(torch.uint8).to(x.device)
     x = torch.nan_to_num(x, nan=-1.0)  # a block of zeros gives 0/0 = NaN; bnb's SIMD clamp turns NaN into -1 (code 0)
     idx = ((x.clamp(-1, 1) + 1) * 0.5 * 65535 + 0.5).to(torch.int64)
     return _LUT[key][idx]
@@ -117,7 +118,7 @@ def quantize_blockwise8(x:torch.Tensor, # 1-d float tensor, e.g. the centred NF4
 
 def dequantize_blockwise8(q:torch.Tensor, absmax:torch.Tensor, blocksize:int=256, code:torch.Tensor=DYNAMIC_CODE) -> torch.Tensor:
     "Inverse of `quantize_blockwise8`: level times its block's absmax, in float32."
-    v = code[q.reshape(-1).long()]
+    v = code.to(q.device)[q.reshape(-1).long()]
     scale = absmax.repeat_interleave(blocksize)[:v.numel()]
     return (v * scale).reshape(q.shape)
 
@@ -148,7 +149,7 @@ def quantize_nf4(w:torch.Tensor, # float32/bfloat16/float16 tensor, any shape
     "Blockwise absmax NF4 quantization; returns (packed uint8 codes, `NF4State`), bit-exact with bitsandbytes on CPU."
     s, am = blockwise_absmax_scale(w, blocksize)
     packed = pack_nibbles(nearest_code(s, NF4_CODE))
-    st = NF4State(absmax=am, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    st = NF4State(absmax=am, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=NF4_CODE.to(w.device))
     if compress_statistics:
         st.offset = am.mean()
         st.absmax, st.nested_absmax = quantize_blockwise8(am - st.offset, st.nested_blocksize)
@@ -159,7 +160,10 @@ def nf4_absmax(st:NF4State) -> torch.Tensor:
     if not st.nested: return st.absmax
     return dequantize_blockwise8(st.absmax, st.nested_absmax, st.nested_blocksize) + st.offset
 
-def _pair_table(code): return torch.stack([code[torch.arange(256) >> 4], code[torch.arange(256) & 0xF]], 1)  # byte -> its 2 levels
+def _pair_table(code):
+    "byte -> its 2 float32 levels (high nibble first), stored as one int64 per byte: one 8-byte gather fetches both"
+    b = torch.arange(256, device=code.device)
+    return torch.stack([code[b >> 4], code[b & 0xF]], 1).float().contiguous().view(torch.int64).reshape(-1)
 
 def dequantize_nf4(packed:torch.Tensor, # the codes from `quantize_nf4`
                    st:NF4State, # its state
@@ -167,7 +171,7 @@ def dequantize_nf4(packed:torch.Tensor, # the codes from `quantize_nf4`
                   ) -> torch.Tensor:
     "NF4 level times block scale, computed in float32 and cast once, as bitsandbytes does."
     n, bs = math.prod(st.shape), st.blocksize
-    v = _pair_table(st.code).index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]  # one lookup per byte gives both levels
+    v = _pair_table(st.code).index_select(0, packed.reshape(-1).long()).view(torch.float32)[:n]  # one lookup per byte gives both levels
     am, full = nf4_absmax(st), n - n % bs
     v[:full].view(-1, bs).mul_(am[:full // bs, None])
     if full < n: v[full:].mul_(am[-1])
@@ -183,15 +187,52 @@ def int4_absmax_roundtrip(w:torch.Tensor, blocksize:int=64) -> torch.Tensor:
     if r.numel(): out = torch.cat([out, rt(r, r.abs().max().clamp(min=1e-38))])
     return out.reshape(w.shape).to(w.dtype)
 
+# %% ../nbs/04_nf4.ipynb #9680cf5c
+class NF4MatMul(torch.autograd.Function):
+    """`x @ W.T + bias` with a frozen NF4 weight `W`: saves the packed codes and their state for backward, never the
+    dequantized weight, and dequantizes again there (as bitsandbytes' `MatMul4Bit`)."""
+    @staticmethod
+    def forward(ctx, x, packed, state, bias=None):
+        w = dequantize_nf4(packed, state, x.dtype)   # a temporary: freed when forward returns
+        ctx.meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize)
+        ctx.bias_shape = None if bias is None else bias.shape
+        # only grad_input needs the weight; save_for_backward lets saved-tensor hooks (chapter 5) see what is kept
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(packed, state.absmax, state.offset, state.nested_absmax, state.code)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            packed, absmax, offset, nested_absmax, code = ctx.saved_tensors
+            shape, dtype, blocksize, nested_blocksize = ctx.meta
+            st = NF4State(absmax, shape, dtype, blocksize, offset, nested_absmax, nested_blocksize, code)
+            w = dequantize_nf4(packed, st, grad_out.dtype)   # dequantize again: the codes are all we kept
+            grad_x = torch.matmul(grad_out, w)               # the op bitsandbytes' MatMul4Bit.backward uses
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # every leading dimension, not just the first
+        return grad_x, None, None, grad_bias
+
 # %% ../nbs/04_nf4.ipynb #2cef394d
+_STATE_BUFFERS = ('absmax', 'offset', 'nested_absmax', 'code')
+
 class NF4Linear(nn.Module):
-    "A linear layer that stores its weight as NF4 codes and dequantizes it on the fly in `forward` (a from-scratch `bnb.nn.Linear4bit`)."
+    "A linear layer that stores its weight as NF4 codes and dequantizes it on the fly, in forward and again in backward (a from-scratch `bnb.nn.Linear4bit`)."
     def __init__(self, packed, state, bias=None, compute_dtype=None):
         super().__init__()
+        # codes and statistics are buffers: they follow `.to(device)`, and `SavedTensors(exclude=model)` knows them as weights
         self.register_buffer('packed', packed)
-        self.state, self.compute_dtype = state, compute_dtype
+        for name in _STATE_BUFFERS: self.register_buffer(name, getattr(state, name))
+        self.shape, self.dtype, self.blocksize, self.nested_blocksize = state.shape, state.dtype, state.blocksize, state.nested_blocksize
+        self.compute_dtype = compute_dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = state.shape
+
+    @property
+    def state(self) -> NF4State:
+        "The `NF4State` of the weight, made of this layer's buffers."
+        return NF4State(self.absmax, self.shape, self.dtype, self.blocksize, self.offset, self.nested_absmax, self.nested_blocksize, self.code)
 
     @classmethod
     def from_linear(cls, linear:nn.Linear, # the layer to quantize
@@ -202,11 +243,17 @@ class NF4Linear(nn.Module):
 
     def forward(self, x):
         dt = self.compute_dtype or x.dtype
-        w = dequantize_nf4(self.packed, self.state, dt)
         b = None if self.bias is None else self.bias.to(dt)
-        return F.linear(x.to(dt), w, b).to(x.dtype)
+        return NF4MatMul.apply(x.to(dt), self.packed, self.state, b).to(x.dtype)
 
-    def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, blocksize={self.state.blocksize}, double_quant={self.state.nested}'
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` casts floating buffers; the scales must stay float32 to dequantize bit-exactly
+        kept = {n: self._buffers[n] for n in _STATE_BUFFERS if self._buffers[n] is not None and self._buffers[n].is_floating_point()}
+        super()._apply(fn, recurse)
+        for n, t in kept.items(): self._buffers[n] = t.to(self._buffers[n].device)
+        return self
+
+    def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, double_quant={self.offset is not None}'
 
 # %% ../nbs/04_nf4.ipynb #9960df95
 def nf4_bits_per_param(blocksize:int=64, # values per NF4 block

@@ -134,3 +134,107 @@ def test_qlora_paper_claims():
     f = estimate_training_memory(c65, 'full', dtype=torch.bfloat16)
     assert q['total'] < 48e9 < f['total'] and f['weights'] + f['gradients'] + f['optimizer'] > 780e9
     assert estimate_training_memory(small_cfg(), 'lora')['weights'] > estimate_training_memory(small_cfg(), 'qlora')['weights']
+
+# --- the 4-bit matmul in training: gradients, and what autograd keeps for backward ---
+from ftcourse.quant import NF4MatMul
+from ftcourse.checkpoint import SavedTensors
+from ftcourse.lora import LoRALinear
+
+# our backward is grad_out @ W (torch.matmul), nn.Linear's is an mm on flattened rows: equal up to float32 rounding
+GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
+
+def dequantized_linear(q:NF4Linear, bias=None) -> torch.nn.Linear:
+    "A plain frozen nn.Linear holding the NF4 layer's dequantized weight."
+    lin = torch.nn.Linear(q.in_features, q.out_features, bias=bias is not None)
+    lin.weight.data = dequantize_nf4(q.packed, q.state, torch.float32)
+    if bias is not None: lin.bias.data = bias.detach().clone()
+    return lin.requires_grad_(False)
+
+def linear4bit(lin:torch.nn.Linear, dtype=torch.float32, cs=True):
+    "bitsandbytes' Linear4bit holding `lin`'s weight (and bias), in training mode, on CPU."
+    ref = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
+                            quant_type='nf4', compress_statistics=cs)
+    ref.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type='nf4',
+                                   compress_statistics=cs, blocksize=64)
+    if lin.bias is not None: ref.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return ref.to('cpu').train()
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('cs', [False, True])
+def test_nf4linear_grads_equal_linear4bit_and_dequantized_linear(dtype, cs):
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(192, 96)
+    ours = NF4Linear.from_linear(lin, compress_statistics=cs, compute_dtype=dtype)
+    ref = linear4bit(lin, dtype, cs)
+    x = torch.randn(3, 5, 192)
+    g = torch.randn(3, 5, 96)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y_ours, y_bnb = ours(xs[0]), ref(xs[1])
+    y_ours.backward(g)
+    y_bnb.backward(g)
+    # against bitsandbytes: the same dequantized bits and the same torch ops, so identical by construction
+    assert torch.equal(y_ours, y_bnb) and torch.equal(xs[0].grad, xs[1].grad)
+    if dtype == torch.float32:   # against a plain layer holding the dequantized weight
+        x3 = x.clone().requires_grad_()
+        plain = dequantized_linear(ours, lin.bias)
+        y3 = plain(x3)
+        y3.backward(g)
+        assert torch.equal(y_ours, y3)   # forward: the very same F.linear
+        torch.testing.assert_close(xs[0].grad, x3.grad, **GRAD_TOL)
+
+def test_nf4matmul_bias_grad_over_every_leading_dim():
+    torch.manual_seed(5)
+    q = NF4Linear.from_linear(torch.nn.Linear(128, 64, bias=False))
+    w = dequantize_nf4(q.packed, q.state, torch.float32)
+    bias = torch.randn(64, requires_grad=True)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    g = torch.randn(2, 3, 64)
+    NF4MatMul.apply(x, q.packed, q.state, bias).backward(g)
+    b2, x2 = bias.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, b2).backward(g)
+    torch.testing.assert_close(bias.grad, b2.grad, **GRAD_TOL)
+    torch.testing.assert_close(x.grad, x2.grad, **GRAD_TOL)
+    # bitsandbytes' Linear4bit with a trainable bias (its MatMul4Bit sums dim 0; autograd sums the rest to the bias' shape)
+    lin = torch.nn.Linear(128, 64, bias=True)
+    ref, ours = linear4bit(lin), NF4Linear.from_linear(lin)
+    ref.bias.requires_grad_(True)
+    ours.bias.requires_grad_(True)
+    ref(x.detach()).backward(g)
+    ours(x.detach()).backward(g)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **GRAD_TOL)   # the same sum in another order
+
+def test_nf4linear_saves_codes_not_the_dequantized_weight():
+    "The bug this replaces: dequantize + F.linear saved the 4 MiB fp32 weight of a 1024x1024 layer for backward."
+    torch.manual_seed(6)
+    base = torch.nn.Linear(1024, 1024, bias=False).requires_grad_(False)
+    q = NF4Linear.from_linear(base)   # double quantization
+    packed, absmax, nested, offset, levels = 1024 * 1024 // 2, 1024 * 1024 // 64, 4 * (1024 * 1024 // 64 // 256), 4, 4 * 16
+    codes_and_state = packed + absmax + nested + offset + levels   # 540,996 bytes, all of them kept by the layer anyway
+    x = torch.randn(8, 1024, requires_grad=True)
+    with SavedTensors() as st: y = q(x)
+    assert st.unique == codes_and_state < 4 * 2**20 // 7
+    assert not any(r[2] >= 2**20 for r in st.records)   # no saved tensor as large as a quarter of the fp32 weight
+    y.sum().backward()
+    assert x.grad is not None and q.packed.grad is None
+    # with LoRA on top: the input (for A's gradient), x @ A.T (for B's), A and B, and the codes and state
+    torch.manual_seed(7)
+    layer = LoRALinear(torch.nn.Linear(1024, 1024, bias=False), r=8, alpha=16)
+    layer.base = NF4Linear.from_linear(layer.base)
+    x = torch.randn(8, 1024, requires_grad=True)
+    with SavedTensors() as st: y = layer(x)
+    a_and_b = 2 * 4 * 8 * 1024
+    assert st.unique == 8 * 1024 * 4 + 8 * 8 * 4 + a_and_b + codes_and_state
+    # a frozen fp32 nn.Linear saves its 4 MiB weight (which it holds anyway); the input needs no saving for grad_input
+    with SavedTensors() as st: base(x)
+    assert st.unique == 4 * 2**20
+    # no gradient needed for the input: nothing saved at all (as F.linear)
+    with SavedTensors() as st: q(torch.randn(8, 1024))
+    assert st.records == []
+
+def test_nf4linear_keeps_float32_state_when_the_model_is_cast():
+    q = NF4Linear.from_linear(torch.nn.Linear(256, 64), compress_statistics=True)
+    w = dequantize_nf4(q.packed, q.state, torch.float32)
+    q.to(torch.bfloat16)
+    assert q.nested_absmax.dtype == q.offset.dtype == q.code.dtype == torch.float32 and q.absmax.dtype == torch.uint8
+    assert torch.equal(dequantize_nf4(q.packed, q.state, torch.float32), w)
+    assert {n for n, _ in q.named_buffers()} == {'packed', 'absmax', 'offset', 'nested_absmax', 'code'}
