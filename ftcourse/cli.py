@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from .core import DEFAULT_MODEL, ModelNotAvailable, set_seed, tiny_model
 from .data import DatasetFormatError
-from .runs import METHODS, RunConfig, ConfigError, option_types, read_yaml, load_config, run, load_run, base_model
+from .runs import METHODS, RunConfig, ConfigError, option_types, read_yaml, load_config, load_run, base_model
+from .methods import run
 from .tour import tour
 
 # %% auto #0

@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/runs.html.md"""
 
 # %% ../nbs/10a_runs.ipynb #1303f601
 from __future__ import annotations
-import csv, difflib, json, os, shutil, threading, time, typing
+import csv, difflib, os, shutil, typing
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
@@ -16,9 +16,8 @@ from .core import DEFAULT_MODEL, load_model, set_seed, tiny_model
 __all__ = ['METHODS', 'ADAPTERS', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError', 'option_types', 'check_method_options',
            'validate_config', 'read_yaml', 'load_config', 'config_yaml', 'is_run_folder', 'is_peft_folder',
            'is_main_process', 'wait_for_everyone', 'check_output_dir', 'prepare_output_dir', 'read_csv', 'write_csv',
-           'load_rows', 'base_model', 'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable',
-           'load_trainable', 'build_model', 'load_run', 'load_reward_run', 'train_config', 'train_sft', 'ppo_prompts',
-           'fit', 'run', 'PeakRSS']
+           'base_model', 'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable',
+           'build_model', 'load_run', 'load_reward_run']
 
 # %% ../nbs/10a_runs.ipynb #6d85cebf
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
@@ -239,43 +238,6 @@ def write_csv(rows:list[dict], path:str|Path):
         w.writeheader()
         w.writerows(rows)
 
-# %% ../nbs/10a_runs.ipynb #c0cae95c
-def _kind(method:str) -> str: return 'sft' if method == 'sft' else 'preference'
-
-def _read_rows(name:str, split:str, kind:str):
-    "`load_course_dataset`, with a file or hub set that cannot be had as a `ConfigError` that says so."
-    from ftcourse.data import load_course_dataset, COURSE_SETS
-    if name in COURSE_SETS: return load_course_dataset(name, split)
-    if str(name).endswith(('.jsonl', '.json')):
-        p = Path(name)
-        if not p.is_file(): raise ConfigError(f"dataset file {name!r}: {'is a folder' if p.is_dir() else 'no such file'}")
-        try: return load_course_dataset(name, split, kind=kind)
-        except PermissionError: raise ConfigError(f"dataset file {name!r}: not readable (permission denied)") from None
-        except UnicodeDecodeError: raise ConfigError(f"dataset file {name!r}: not UTF-8 text") from None
-    try: return load_course_dataset(name, split, kind=kind)
-    except (OSError, ConnectionError) as e:     # the datasets library's "not found" and "offline" errors
-        raise ConfigError(f"dataset {name!r} is neither a local .jsonl file nor a hub dataset that can be had "
-                          f"({type(e).__name__}): give a .jsonl file, or allow hub access") from e
-
-def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
-    "Training and held-out rows for `cfg` (validated), held-out rows capped at `n_eval` (PPO: no held-out rows)."
-    kind = kind or _kind(cfg.method)
-    if cfg.dataset == 'course':
-        train_rows = _read_rows(kind, 'train', kind)
-        eval_rows = _read_rows(kind, 'test', kind) if cfg.eval_dataset in (None, 'course') else _read_rows(cfg.eval_dataset, 'train', kind)
-    else:
-        train_rows = _read_rows(cfg.dataset, 'train', kind)
-        if cfg.method == 'ppo': eval_rows = []        # PPO does not evaluate: every row is a training prompt
-        elif cfg.eval_dataset: eval_rows = _read_rows(cfg.eval_dataset, 'train', kind)
-        else:
-            n = min(cfg.n_eval, len(train_rows) // 10)
-            if n == 0: raise ConfigError(f"{cfg.dataset}: {len(train_rows)} rows are too few to hold out an evaluation set; give eval_dataset")
-            split = train_rows.train_test_split(test_size=n, seed=cfg.seed)
-            train_rows, eval_rows = split['train'], split['test']
-            print(f"held out {n} of {n + len(train_rows)} rows of {cfg.dataset} for evaluation (seed {cfg.seed})")
-    if cfg.method == 'ppo': return list(train_rows), []
-    return list(train_rows), list(eval_rows)[:cfg.n_eval]
-
 # %% ../nbs/10a_runs.ipynb #ed97987e
 def base_model(name:str, device='cpu'):
     "The model and tokenizer `name` ('tiny' for the test model)."
@@ -370,106 +332,3 @@ def load_reward_run(run_dir:str|Path, device='cpu', peft_loader=None):
     model, tok = build_model(cfg, device, peft_loader=peft_loader)
     rm = _load_run_weights(RewardModel.from_causal_lm(model), run_dir)
     return merge_adapters(rm).requires_grad_(False).eval(), tok
-
-# %% ../nbs/10a_runs.ipynb #0cedccdf
-def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
-    "The training loop's settings for a run."
-    from ftcourse.train import TrainConfig
-    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, lr=cfg.learning_rate,
-                       warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
-                       eval_every=cfg.eval_every, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed,
-                       log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None)
-
-def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128):
-    "Chapter 2: masked-label SFT of `model` on chat rows with the course's training loop."
-    from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn
-    from ftcourse.train import train
-    train_data, _ = sft_dataset(train_rows, tok, max_len)
-    eval_data = sft_dataset(eval_rows, tok, max_len)[0] if eval_rows else None
-    return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data)
-
-# %% ../nbs/10a_runs.ipynb #88f468a9
-def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
-    "The rows whose prompt, plus `ppo_max_new_tokens` new tokens, fits in `sequence_len` (the count of dropped ones is printed)."
-    from ftcourse.sft import chat_ids, prompt_messages
-    room = cfg.sequence_len - cfg.ppo_max_new_tokens
-    kept = [r for r in rows if len(chat_ids(tok, prompt_messages(r), add_generation_prompt=True)) <= room]
-    print(f"{len(kept)} prompts kept, {len(rows) - len(kept)} dropped (prompt + {cfg.ppo_max_new_tokens} new tokens "
-          f"longer than sequence_len={cfg.sequence_len})")
-    if not kept: raise ConfigError(f"no prompt fits in sequence_len={cfg.sequence_len} with {cfg.ppo_max_new_tokens} new tokens: raise sequence_len")
-    return kept
-
-def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:
-    "Train `model` by `cfg.method` with its chapter's `train_<method>`; returns (the trained module, its history)."
-    if cfg.method == 'sft': return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len)
-    if cfg.method == 'reward':
-        from ftcourse.reward import RewardModel, train_reward
-        rm = RewardModel.from_causal_lm(model)
-        return rm, train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
-    if cfg.method == 'dpo':
-        from ftcourse.dpo import train_dpo
-        return model, train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed', max_len=cfg.sequence_len)
-    if cfg.method == 'orpo':
-        from ftcourse.orpo import train_orpo
-        return model, train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda, max_len=cfg.sequence_len)
-    if cfg.method == 'ppo':
-        from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward
-        if cfg.reward_model: reward_fn = reward_model_reward(load_reward_run(cfg.reward_model, next(model.parameters()).device)[0], tok)
-        else: reward_fn = judge_reward
-        print(f"PPO against {'the reward model in ' + cfg.reward_model if cfg.reward_model else 'the course judge (a rule)'}")
-        pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size, mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2),
-                         ppo_epochs=cfg.ppo_epochs, lr=cfg.learning_rate, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
-                         max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
-        return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
-    raise ConfigError(f"method {cfg.method!r} is not available in this version of ftcourse")
-
-# %% ../nbs/10a_runs.ipynb #18ab609b
-def run(cfg:RunConfig, device=None,
-        peft_loader=None, # `load_peft_adapter(model, folder)`, for a `base_run` that is a peft adapter folder
-       ) -> dict:
-    "Train one run as `cfg` says; returns a summary (also written to `summary.json` in the run's folder)."
-    from ftcourse.core import get_device
-    from ftcourse.lora import count_trainable
-    import resource
-    validate_config(cfg)
-    device = device or get_device()
-    t0, mem = time.time(), PeakRSS()
-    check_output_dir(cfg)
-    train_rows, eval_rows = load_rows(cfg)       # a bad row stops the run here, before the folder is written
-    set_seed(cfg.seed)
-    model, tok = build_model(cfg, device, peft_loader=peft_loader)   # a model that cannot be had stops the run here too
-    out = prepare_output_dir(cfg)
-    with mem: model, hist = fit(cfg, model, tok, train_rows, eval_rows, train_config(cfg, out))
-    n_train = count_trainable(model)
-    summary = dict(method=cfg.method, adapter=cfg.adapter, trainable_params=n_train, steps=cfg.steps,
-                   seconds=round(time.time() - t0, 1), peak_rss_increase_mb=round(mem.peak_increase / 2**20, 1),
-                   process_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),   # Linux: kB
-                   cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-                   final=({k: v for k, v in hist[-1].items() if isinstance(v, (int, float))} if hist else {}))
-    if is_main_process():       # one writer: the other processes hold the same trained weights
-        save_trainable(model, out/'trainable.safetensors')
-        if getattr(hist, 'value_head', None) is not None: save_trainable(hist.value_head, out/'value_head.safetensors')   # PPO's critic
-        write_csv(list(hist), out/'metrics.csv')
-        (out/'summary.json').write_text(json.dumps(summary, indent=1))
-        print(f"saved {cfg.method} run to {out}/ ({n_train:,} trainable parameters, {summary['seconds']} s)")
-    wait_for_everyone()         # the others return once the folder is complete
-    return dict(summary, model=model, tok=tok, history=hist, out=out)
-
-# %% ../nbs/10a_runs.ipynb #5f309b1a
-class PeakRSS:
-    "Context manager: the peak increase of this process's resident memory while inside, sampled every `interval` s."
-    def __init__(self, interval:float=0.05): self.interval, self.peak_increase = interval, 0
-    def __enter__(self):
-        import psutil
-        self._p, self._stop = psutil.Process(), threading.Event()
-        self._start = self._peak = self._p.memory_info().rss
-        def sample():
-            while not self._stop.wait(self.interval): self._peak = max(self._peak, self._p.memory_info().rss)
-        self._t = threading.Thread(target=sample, daemon=True)
-        self._t.start()
-        return self
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self._peak = max(self._peak, self._p.memory_info().rss)
-        self.peak_increase = self._peak - self._start

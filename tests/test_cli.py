@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
 from ftcourse.cli import main, params_table, memory_table
-from ftcourse.runs import load_config, ConfigError, RunConfig, run, load_run, read_run_config
+from ftcourse.runs import load_config, ConfigError, RunConfig, load_run, read_run_config
+from ftcourse.methods import run
 
 def cli(*argv):
     "Run `ftcourse argv...` in this process; returns (status, stdout, stderr)."

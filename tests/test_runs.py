@@ -1,10 +1,11 @@
-"`ftcourse.runs`: every option takes effect in its method or is refused naming the method; one writer per run folder."
+"`ftcourse.runs` and `ftcourse.methods`: every option takes effect in its method or is refused naming the method; one writer per run folder."
 import contextlib, inspect, io, json
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
 from ftcourse.runs import (FIXED, METHOD_ONLY, METHODS, ConfigError, RunConfig, is_main_process, load_config, load_run,
-                           read_run_config, run)
+                           read_run_config)
+from ftcourse.methods import TRAINERS, run
 
 TINY = dict(model='tiny', n_eval=8, batch_size=4, learning_rate=1e-3)
 PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, learning_rate=1e-3)   # PPO holds no rows out: no n_eval
@@ -24,9 +25,10 @@ def test_other_methods_refuse_an_option_they_would_ignore(option, value):
 
 def test_every_option_is_read_by_every_method_or_listed():
     "An option that is neither used by all methods nor listed as method-only or fixed would slip through unchecked."
-    from ftcourse import runs
-    source = inspect.getsource(runs.fit) + inspect.getsource(runs.train_config) + inspect.getsource(runs.load_rows) + \
-             inspect.getsource(runs.build_model) + inspect.getsource(runs.add_adapter) + inspect.getsource(runs._lora_targets)
+    from ftcourse import runs, methods
+    assert set(TRAINERS) == set(METHODS)
+    source = inspect.getsource(methods) + inspect.getsource(runs.build_model) + inspect.getsource(runs.add_adapter) + \
+             inspect.getsource(runs._lora_targets)
     unread = [f for f in RunConfig.__dataclass_fields__ if f'cfg.{f}' not in source and f not in METHOD_ONLY]
     assert set(unread) <= {'method', 'output_dir', 'overwrite', 'seed'}, unread   # these four run() and the folder use
 
