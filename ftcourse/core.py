@@ -16,9 +16,10 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
-           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'set_seed', 'get_device', 'Settings', 'course_settings',
-           'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
-           'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require']
+           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'get_device', 'Settings',
+           'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested',
+           'random_model', 'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload',
+           'workload_bytes', 'require', 'tested_versions', 'check_versions']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -293,7 +294,8 @@ def workload_bytes(w:Workload) -> dict:
     from transformers import LlamaConfig
     from ftcourse.quant import estimate_training_memory, llama_param_counts   # chapter 4 builds on this module
     cfg = lambda name: LlamaConfig(**SMOLLM2_CONFIGS[name])
-    e = estimate_training_memory(cfg(w.model), w.method, w.micro_batch_size * w.seqs_per_item, w.seq_len, lora_r=8,
+    sequences = w.micro_batch_size * w.seqs_per_item   # what goes through the model in one forward/backward
+    e = estimate_training_memory(cfg(w.model), w.method, sequences, w.seq_len, lora_r=8,
                                  grad_checkpointing=w.grad_checkpointing)
     e['other_models'] = sum(4 * sum(llama_param_counts(cfg(m)).values()) for m in w.other_models)
     e['total'] += e['other_models']
@@ -306,6 +308,43 @@ def require(module:str, # the module to import, e.g. 'peft'
     "Import `module`, or raise an ImportError that names the ftcourse extra that installs it."
     try: return importlib.import_module(module)
     except ImportError as e: raise ImportError(f"{module} is needed here: pip install 'ftcourse[{extra}]'") from e
+
+# %% ../nbs/00_core.ipynb #5b7e0a06
+CONSTRAINTS_URL = "https://raw.githubusercontent.com/ftcourse/ftcourse/main/tools/constraints.txt"
+
+def tested_versions(source:str|Path|None=None, # a constraints file or URL (default: the checkout's, else GitHub's)
+                   ) -> dict[str, str]:
+    "The `name==version` pins of the course's `tools/constraints.txt` ({} when it cannot be read)."
+    import re, urllib.request
+    # the checkout's file: next to the package (an editable install), or next to nbs/ when this runs in the notebook
+    here = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..')
+    local = here/'tools'/'constraints.txt'
+    source = source or (local if local.exists() else CONSTRAINTS_URL)
+    try:
+        if str(source).startswith(('http://', 'https://')):
+            with urllib.request.urlopen(str(source), timeout=5) as r: text = r.read().decode()
+        else: text = Path(source).read_text()
+    except OSError: return {}
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'^\s*([\w.-]+)\s*==\s*(\S+)', text, flags=re.M)}
+
+def check_versions(source:str|Path|None=None, # passed to `tested_versions`
+                  ) -> list[str]:
+    "Print each tested library's installed version against the tested one, warning where they differ; return those."
+    import importlib.metadata as md
+    tested = tested_versions(source)
+    if not tested: print("tested versions unknown (no tools/constraints.txt here, and GitHub unreachable)"); return []
+    differ = []
+    for name, want in tested.items():
+        try: have = md.version(name)
+        except md.PackageNotFoundError: have = None
+        flag = '' if have == want else '   <- WARNING: differs from the tested version'
+        if have is not None and have != want: differ.append(name)
+        print(f"{name:18s} tested {want:10s} installed {have or '-':10s}{flag if have else ''}")
+    if differ:
+        pins = ' '.join(f"'{n}=={tested[n]}'" for n in differ)
+        print(f"WARNING: {len(differ)} libraries differ from the tested versions ({', '.join(differ)}). "
+              f"If a cell fails, install the tested ones: pip install {pins}")
+    return differ
 
 # %% ../nbs/00_core.ipynb #c841954f
 from .data import load_course_dataset, judge

@@ -10,7 +10,8 @@ called `load_model()` without a device, or pinned a device by name. Rules, for e
 2. A GPU named by a string (`device='cuda'`, `.to('mps')`, `device_map={'': 0}`) appears only in `#| gpu` cells, and
    in the settings' own GPU profile (`Settings(device='cuda')`). Results may be brought to the CPU (`.to('cpu')`,
    `.cpu()`), but a model is loaded on the CPU by name only on purpose, with a comment on the same line saying why
-   (e.g. a comparison with a library's CPU kernels): `load_model(device='cpu')  # bitsandbytes' CPU path is the reference`.
+   (e.g. a comparison with a library's CPU kernels): `load_model(device='cpu')  # bitsandbytes' CPU kernels are the
+   reference`.
 
 `tiny_model()` is the unit tests' CPU fixture (a million random weights, no device argument) and is not checked.
 """
@@ -59,10 +60,13 @@ def _follows(expr, names:set, params:set) -> bool:
 
 def _literal_device(expr) -> str|None:
     "The device named by a string constant ('cuda', 'cpu', 'cuda:0'), or an int GPU index in a device_map dict."
-    if isinstance(expr, ast.Constant) and isinstance(expr.value, str) and DEVICE_NAMES.match(expr.value): return expr.value
-    if isinstance(expr, ast.Call) and ast.unparse(expr.func) == 'torch.device' and expr.args: return _literal_device(expr.args[0])
-    if isinstance(expr, ast.Dict) and expr.values: return _literal_device(expr.values[0]) or (
-        f"cuda:{expr.values[0].value}" if isinstance(expr.values[0], ast.Constant) and type(expr.values[0].value) is int else None)
+    if isinstance(expr, ast.Constant) and isinstance(expr.value, str) and DEVICE_NAMES.match(expr.value):
+        return expr.value
+    if isinstance(expr, ast.Call) and ast.unparse(expr.func) == 'torch.device' and expr.args:
+        return _literal_device(expr.args[0])
+    if isinstance(expr, ast.Dict) and expr.values:   # a device_map: {'': 0} puts everything on GPU 0
+        v = expr.values[0]
+        return f"cuda:{v.value}" if isinstance(v, ast.Constant) and type(v.value) is int else _literal_device(v)
     return None
 
 def _params_around(tree) -> dict:
@@ -71,7 +75,8 @@ def _params_around(tree) -> dict:
     def visit(node, params):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             a = node.args
-            params = params | {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs} | {x.arg for x in (a.vararg, a.kwarg) if x}
+            named = a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]
+            params = params | {x.arg for x in named}
         out[id(node)] = params
         for ch in ast.iter_child_nodes(node): visit(ch, params)
     visit(tree, frozenset())
@@ -102,22 +107,25 @@ def device_problems(nb:dict) -> list[str]:
             if gpu or fname == 'Settings': continue
             placed = [kw[k] for k in PLACEMENT_KWARGS if k in kw] + ([n.args[0]] if fname == 'to' and n.args else [])
             for lit in filter(None, map(_literal_device, placed)):
-                if lit != 'cpu': out.append(f"cell {i}: device {lit!r} named by hand outside a `#| gpu` cell: {line[:100]!r}")
+                if lit != 'cpu':
+                    out.append(f"cell {i}: device {lit!r} named by hand outside a `#| gpu` cell: {line[:100]!r}")
     return out
 
 def _cells(*srcs): return dict(cells=[dict(cell_type='code', source=s) for s in srcs])
 
 def test_checker_catches_what_it_should():
     bad = ["model, tok = load_model()", "m = load_model(s.model)", "m, t = load_model(device='cuda')",
-           "m, t = load_model(device=None)", "x = torch.zeros(3, device='cuda')", "y = x.to('mps')", "m = load_model(device=torch.device('cuda'))",
-           "m = load_model(device='cpu')", "ids = ids.to(torch.device('cuda:0'))", "dev = 'cuda'\nm, t = load_model(device=dev)",
+           "m, t = load_model(device=None)", "x = torch.zeros(3, device='cuda')", "y = x.to('mps')",
+           "m = load_model(device=torch.device('cuda'))", "m = load_model(device='cpu')",
+           "ids = ids.to(torch.device('cuda:0'))", "dev = 'cuda'\nm, t = load_model(device=dev)",
            "q = AutoModelForCausalLM.from_pretrained(n, device_map={'': 0})"]
     for src in bad: assert device_problems(_cells(src)), src
     good = ["s = course_settings()\nmodel, tok = load_model(s.model, device=s.device)",
             "s = course_settings()", "dev = s.device\nm = load_model(device=dev)[0]",   # `s` comes from the first cell
             "m, t = load_model(device=course_settings().device)", "x = torch.zeros(3, device=model.device)",
             "def base_model(name, device='cpu'):\n    return load_model(name, device=device)",
-            "m = load_model(device='cpu')   # bitsandbytes' CPU kernels are the reference here", "y = x.to(torch.bfloat16)",
+            "m = load_model(device='cpu')   # bitsandbytes' CPU kernels are the reference here",
+            "y = x.to(torch.bfloat16)",
             "#| gpu\nx = torch.zeros(3, device='cuda')", "tm, tt = tiny_model()", "%time x = 1", "r = ref.to('cpu')",
             "GPU = Settings(model='m', device='cuda')"]
     assert device_problems(_cells(*good)) == [], device_problems(_cells(*good))

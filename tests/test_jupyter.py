@@ -17,9 +17,10 @@ NOTEBOOKS = sorted(p for p in (ROOT/'nbs').glob('*.ipynb') if not p.name.startsw
 def _src(c) -> str: return ''.join(c['source']) if isinstance(c['source'], list) else c['source']
 
 def _nb(*cells) -> dict:
-    return dict(nbformat=4, nbformat_minor=5, metadata=dict(kernelspec=dict(name='python3', display_name='Python 3', language='python')),
-                cells=[dict(cell_type='code', id=f'c{i}', metadata={}, execution_count=None, outputs=[], source=textwrap.dedent(s).strip())
-                       for i, s in enumerate(cells)])
+    kernel = dict(name='python3', display_name='Python 3', language='python')
+    code = [dict(cell_type='code', id=f'c{i}', metadata={}, execution_count=None, outputs=[],
+                 source=textwrap.dedent(s).strip()) for i, s in enumerate(cells)]
+    return dict(nbformat=4, nbformat_minor=5, metadata=dict(kernelspec=kernel), cells=code)
 
 SKIPS = """#| gpu
 import torch
@@ -65,25 +66,32 @@ def _skips_itself(src:str) -> bool:
     of which prints; nothing else runs before the check."""
     try: tree = ast.parse(src)
     except SyntaxError: return False
-    checks = [n for n in tree.body if isinstance(n, ast.If) and re.search(r'cuda\.is_available|device\.type', ast.unparse(n.test))]
+    def checks_cuda(n):
+        return isinstance(n, ast.If) and re.search(r'cuda\.is_available|device\.type', ast.unparse(n.test))
+    checks = [n for n in tree.body if checks_cuda(n)]
     if not checks: return False
     first = tree.body.index(checks[0])
-    before_ok = all(isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)) for n in tree.body[:first])
-    prints = any(isinstance(n, ast.Call) and getattr(n.func, 'id', '') == 'print' for b in (checks[0].body, checks[0].orelse)
-                 for st in b[:1] for n in ast.walk(st))
+    quiet = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)   # what may come before the check
+    before_ok = all(isinstance(n, quiet) for n in tree.body[:first])
+    firsts = [b[0] for b in (checks[0].body, checks[0].orelse) if b]   # the first statement of each branch
+    def is_print(n): return isinstance(n, ast.Call) and getattr(n.func, 'id', '') == 'print'
+    prints = any(is_print(n) for st in firsts for n in ast.walk(st))
     return before_ok and prints and tree.body[first:] == [checks[0]]
 
 def test_skip_checker():
     assert _skips_itself(SKIPS.split('\n', 1)[1])
-    assert _skips_itself("def f(): return torch.cuda.max_memory_allocated()\nif model.device.type != 'cuda': print('skip')\nelse: f()")
+    assert _skips_itself("def f(): return torch.cuda.max_memory_allocated()\n"
+                         "if model.device.type != 'cuda': print('skip')\nelse: f()")
     for bad in ["x = torch.zeros(1).cuda()", "y = 1\nif not torch.cuda.is_available(): print('no')\nelse: pass",
-                "if not torch.cuda.is_available(): pass\nelse: x = 1", "if not torch.cuda.is_available(): print('no')\nz = torch.cuda.mem_get_info()"]:
+                "if not torch.cuda.is_available(): pass\nelse: x = 1",
+                "if not torch.cuda.is_available(): print('no')\nz = torch.cuda.mem_get_info()"]:
         assert not _skips_itself(bad), bad
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
 def test_every_gpu_cell_skips_itself(nb):
     cells = json.loads(nb.read_text())['cells']
-    gpu = [(i, _src(c)) for i, c in enumerate(cells) if c['cell_type'] == 'code' and re.search(r'^\s*#\|\s*gpu\b', _src(c), re.M)]
+    def gpu_cell(c): return c['cell_type'] == 'code' and re.search(r'^\s*#\|\s*gpu\b', _src(c), re.M)
+    gpu = [(i, _src(c)) for i, c in enumerate(cells) if gpu_cell(c)]
     bad = [i for i, s in gpu if not _skips_itself(s)]
-    assert not bad, f"{nb.name}: `#| gpu` cells {bad} do not skip themselves without a GPU (Run All in Jupyter would fail there)"
+    assert not bad, f"{nb.name}: `#| gpu` cells {bad} do not skip themselves without a GPU (Run All would fail there)"
     assert site.needs_kernel(nb) == bool(gpu)   # and tools/site.py --execute runs this notebook in a Jupyter kernel
