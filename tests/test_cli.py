@@ -261,3 +261,23 @@ def test_chat_with_a_local_model_folder(tmp_path):
     rc, out, err = cli('chat', '--model', tmp_path/'merged', '--prompt', 'hi', '--max-new-tokens', 6)
     assert rc == 0, err
     assert out.rstrip('\n') == chat_reply(model, tok, [dict(role='user', content='hi')], max_new_tokens=6)
+
+def test_export_a_run_and_chat_with_the_merged_model(tmp_path):
+    "`ftcourse export` writes a merged model that `ftcourse chat --model` answers with as the run does; bad input is one line."
+    pytest.importorskip('ftcourse.export')
+    assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-2, '--output-dir', tmp_path/'r')[0] == 0
+    rc, out, err = cli('export', '--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged')
+    assert rc == 0 and str(tmp_path/'merged') in out, err
+    chat = ['--prompt', 'What is 2+3?', '--max-new-tokens', 8]
+    rc_run, from_run, err = cli('chat', '--run', tmp_path/'r', *chat)
+    rc_exp, from_export, err = cli('chat', '--model', tmp_path/'merged', *chat)
+    assert rc_run == rc_exp == 0 and from_export == from_run, err
+    assert cli('sft', *TINY, '--steps', 1, '--adapter', 'full', '--output-dir', tmp_path/'full')[0] == 0
+    for argv, phrase in [(['--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged'], 'exists'),
+                         (['--run', tmp_path, '--format', 'merged', '--out', tmp_path/'m2'], 'not a run folder'),
+                         (['--run', tmp_path/'full', '--format', 'peft', '--out', tmp_path/'p'], '--format merged'),
+                         (['--run', tmp_path/'r', '--format', 'onnx', '--out', tmp_path/'o'], "invalid choice: 'onnx'")]:
+        rc, out, err = cli('export', *argv)
+        assert rc == 2 and err.count('\n') == 1 and phrase in err, (argv, err)
+    rc, out, err = cli('export', '--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged', '--overwrite')
+    assert rc == 0, err

@@ -93,3 +93,17 @@ def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path):
                      '--base-run', str(tmp_path/'adapter'), '--output-dir', str(tmp_path/'r')]) == 0
     got = load_run(tmp_path/'r', peft_loader=export.load_peft_adapter)[0]
     with torch.no_grad(): torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)   # lr 1e-9: the start, merged
+
+def test_the_recipes_in_configs_are_the_tours_runs(tmp_path, monkeypatch):
+    "configs/*.yaml, the files a user copies, load cleanly and equal the tour's five runs on a CPU."
+    from ftcourse.tour import TOUR_ORDER, tour_configs
+    from dataclasses import asdict
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)                      # base_run and reward_model must be run folders: make them
+    for m in ('sft', 'reward'):
+        (tmp_path/'runs'/m).mkdir(parents=True)
+        (tmp_path/'runs'/m/'config.yaml').write_text(f"method: {m}\n")
+    want = tour_configs('runs', device='cpu')
+    for m in TOUR_ORDER:
+        got = load_config(root/'configs'/f'{m}.yaml')
+        assert asdict(got) == asdict(want[m]), m
