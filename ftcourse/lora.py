@@ -9,34 +9,44 @@ from __future__ import annotations
 import math, re
 from contextlib import contextmanager
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ATTENTION', 'MLP', 'TARGETS', 'SMOLLM2_135M', 'LLAMA2_7B', 'MISTRAL_7B', 'LLAMA3_8B', 'KNOWN_CONFIGS', 'LoRALinear',
-           'target_names', 'apply_lora', 'lora_layers', 'lora_state_dict', 'merge_lora', 'count_trainable',
-           'copy_lora_from_peft', 'peft_lora_layer', 'adapters_disabled', 'lora_params', 'layer_dims', 'as_config',
-           'meta_model', 'target_shapes', 'lora_param_count', 'model_param_count', 'peft_trainable_count',
+__all__ = ['ATTENTION', 'MLP', 'TARGETS', 'lora_state_dict', 'SMOLLM2_135M', 'LLAMA2_7B', 'MISTRAL_7B', 'LLAMA3_8B',
+           'KNOWN_CONFIGS', 'adapter_dtype', 'LoRALinear', 'target_names', 'apply_lora', 'lora_layers',
+           'count_trainable', 'copy_lora_from_peft', 'peft_lora_layer', 'adapter_modules', 'merge_lora',
+           'adapter_state_dict', 'save_adapters', 'load_adapters', 'adapters_disabled', 'lora_params', 'layer_dims',
+           'as_config', 'meta_model', 'target_shapes', 'lora_param_count', 'model_param_count', 'peft_trainable_count',
            'adamw_state_bytes']
 
 # %% ../nbs/03_lora.ipynb #dd9fcaa9
+def adapter_dtype(dtype:torch.dtype, autocast:bool=True) -> torch.dtype:
+    "The dtype of the adapter over a base of `dtype`: fp32 over fp16/bf16 when `autocast` (peft's `autocast_adapter_dtype`)."
+    return torch.float32 if autocast and dtype in (torch.float16, torch.bfloat16) else dtype
+
 class LoRALinear(nn.Module):
     "A frozen `nn.Linear` plus a trainable low-rank update: `base(x) + dropout(x) @ A.T @ B.T * alpha/r`."
+    adapter_names = ('lora_A', 'lora_B')  # the trained tensors: what `adapter_state_dict` saves
+
     def __init__(self,
                  base:nn.Linear, # the pretrained layer; its weight (and bias) are frozen
                  r:int,          # the rank of the update
                  alpha:float,    # the update is scaled by `alpha/r`
-                 dropout:float=0.0 # dropout probability on the input of the LoRA path
+                 dropout:float=0.0, # dropout probability on the input of the LoRA path
+                 autocast_adapter_dtype:bool=True # over an fp16/bf16 base keep A and B in fp32, as peft does
                 ):
         super().__init__()
         if r <= 0: raise ValueError(f"LoRA rank must be positive, got r={r}")
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         for p in base.parameters(): p.requires_grad_(False)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
+        dt = adapter_dtype(w.dtype, autocast_adapter_dtype) if w.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=dt))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.adapters_enabled = True  # `adapters_disabled` sets it to False: forward then runs the base layer alone
@@ -48,25 +58,58 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        "The update `alpha/r · B @ A`, shaped like `base.weight` (d_out × d_in)."
+        "The update `alpha/r · B @ A`, shaped like `base.weight` (d_out × d_in), in the adapter's dtype."
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x):
         y = self.base(x)
         if self.merged or not self.adapters_enabled: return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = x.to(self.lora_A.dtype)  # a bf16 input meets fp32 factors: compute the update in fp32, as peft does
+        # the sum is formed in the wider dtype and rounded once to the base output's dtype
+        return (y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        "`W` as a dense tensor: the base `nn.Linear`'s weight, or a 4-bit base (chapter 4's `NF4Linear`) dequantized to fp32."
+        if isinstance(self.base, nn.Linear): return self.base.weight
+        from ftcourse.quant import NF4Linear, dequantize_nf4  # here, not at the top: ftcourse.quant imports this module
+        if isinstance(self.base, NF4Linear): return dequantize_nf4(self.base.packed, self.base.state, torch.float32)
+        raise TypeError(f"cannot read a dense weight from a {type(self.base).__name__} base")
+
+    def merged_weight(self) -> torch.Tensor:
+        "The weight of one plain layer that computes what this layer computes: `W + alpha/r · B A` (in the wider dtype)."
+        return self.dense_base_weight() + self.delta_weight()
+
+    def _check_mergeable(self):
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError(f"a {type(self.base).__name__} base cannot hold a merged weight in place: "
+                            "use merge_lora(model, unload=True), which replaces the layer by a dense nn.Linear")
 
     @torch.no_grad()
     def merge(self):
-        "Add the update into the base weight in place; forward then runs the base layer alone."
-        if not self.merged: self.base.weight += self.delta_weight().to(self.base.weight.dtype); self.merged = True
+        "Put the merged weight into the base weight in place (rounded once to its dtype); forward then runs the base alone."
+        if not self.merged:
+            self._check_mergeable()
+            self.base.weight.copy_(self.merged_weight())
+            self.merged = True
         return self
 
     @torch.no_grad()
     def unmerge(self):
         "Subtract the update from the base weight again (equal to the original up to float rounding)."
-        if self.merged: self.base.weight -= self.delta_weight().to(self.base.weight.dtype); self.merged = False
+        if self.merged: self.base.weight -= self.delta_weight(); self.merged = False
         return self
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        "A new plain `nn.Linear` (the base's dtype; a 4-bit base's original dtype) holding `merged_weight()`, and the bias."
+        if self.merged: return self.base
+        b = self.base
+        dtype = b.weight.dtype if isinstance(b, nn.Linear) else b.state.dtype
+        w = self.merged_weight()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b.bias is not None, device=w.device, dtype=dtype)
+        lin.weight.copy_(w)
+        if b.bias is not None: lin.bias.copy_(b.bias)
+        return lin.requires_grad_(False)
 
     def extra_repr(self): return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
@@ -102,7 +145,8 @@ def apply_lora(model:nn.Module,  # any model with `nn.Linear` layers; modified i
                r:int=8,          # rank
                alpha:float=16,   # scaling numerator: the update is `alpha/r · B A`
                target_modules:str|Iterable[str]=('q_proj', 'v_proj'), # which layers, matched like peft
-               dropout:float=0.0 # dropout on the LoRA path's input
+               dropout:float=0.0, # dropout on the LoRA path's input
+               autocast_adapter_dtype:bool=True # over fp16/bf16 weights keep the adapters in fp32 (peft's default)
               ) -> nn.Module:
     "Freeze every parameter of `model`, then replace each targeted `nn.Linear` by a `LoRALinear`; returns `model`."
     names = target_names(model, target_modules)
@@ -114,27 +158,12 @@ def apply_lora(model:nn.Module,  # any model with `nn.Linear` layers; modified i
         layer = getattr(parent, child)
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"{name} is a {type(layer).__name__}; LoRALinear wraps nn.Linear only")
-        setattr(parent, child, LoRALinear(layer, r, alpha, dropout))
+        setattr(parent, child, LoRALinear(layer, r, alpha, dropout, autocast_adapter_dtype))
     return model
 
 def lora_layers(model:nn.Module) -> dict[str, LoRALinear]:
-    "The `LoRALinear` modules of `model`, by name."
+    "The `LoRALinear` modules of `model` (DoRA's included), by name."
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-def lora_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
-    "Only the adapter weights (`lora_A`, `lora_B`): what you save after LoRA training."
-    return {k: v for k, v in model.state_dict().items() if k.rsplit('.', 1)[-1] in ('lora_A', 'lora_B')}
-
-def merge_lora(model:nn.Module, # a model with `LoRALinear` layers
-               unload:bool=False # also replace each `LoRALinear` by its (merged) plain `nn.Linear`
-              ) -> nn.Module:
-    "Merge every adapter into its base weight (like peft's `merge_adapter`, or `merge_and_unload` with `unload=True`)."
-    for name, layer in lora_layers(model).items():
-        layer.merge()
-        if unload:
-            parent_name, _, child = name.rpartition('.')
-            setattr(model.get_submodule(parent_name), child, layer.base)
-    return model
 
 def count_trainable(model:nn.Module) -> int:
     "Number of parameters with `requires_grad` (tied weights counted once)."
@@ -164,12 +193,81 @@ def peft_lora_layer(base:nn.Linear, # the layer to wrap (wrapped as is, not copi
     base.requires_grad_(False)
     return Linear(base, 'default', config=LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout), r=r, lora_alpha=alpha)
 
+# %% ../nbs/03_lora.ipynb #da446182
+def adapter_modules(model:nn.Module) -> dict[str, nn.Module]:
+    "Every adapter module of `model`, by name: any module with an `adapters_enabled` flag (LoRA, DoRA, chapter 3a's wrappers)."
+    return {n: m for n, m in model.named_modules() if hasattr(m, 'adapters_enabled')}
+
+def merge_lora(model:nn.Module, # a model with adapter layers (`LoRALinear`, `DoRALinear`, ...), or one such layer
+               unload:bool=False # replace each adapter layer by a plain `nn.Linear` holding its merged weight
+              ) -> nn.Module:
+    """Merge every adapter layer into one weight, each by its own `merge` (like peft's `merge_adapter`), or with
+    `unload=True` replace each by its `merged_linear()` (like peft's `merge_and_unload`; 4-bit bases are dequantized)."""
+    layers = adapter_modules(model)
+    if not layers: raise ValueError(f"{type(model).__name__} has no adapters to merge")
+    cannot = sorted({type(m).__name__ for m in layers.values() if not hasattr(m, 'merged_linear')})
+    if cannot:
+        raise TypeError(f"{', '.join(cannot)} adds virtual tokens, not a weight update: there is no weight to merge "
+                        "it into; save it with save_adapters and keep the wrapper")
+    if not unload:
+        for layer in layers.values(): layer.merge()
+        return model
+    if '' in layers: return layers[''].merged_linear()   # `model` is itself one adapter layer
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition('.')
+        setattr(model.get_submodule(parent_name), child, layer.merged_linear())
+    return model
+
+# %% ../nbs/03_lora.ipynb #576e494d
+def adapter_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of every adapter of `model`, by their names in `model`: LoRA's `lora_A`, `lora_B`, DoRA's
+    `lora_magnitude` too, and the virtual tokens of chapter 3a (each adapter class lists them in `adapter_names`)."""
+    out = {}
+    for name, m in adapter_modules(model).items():
+        prefix = f"{name}." if name else ''
+        for attr in m.adapter_names:
+            t = getattr(m, attr, None)
+            if isinstance(t, nn.Parameter): out[prefix + attr] = t.detach()
+            elif isinstance(t, nn.Module):
+                out.update({f"{prefix}{attr}.{k}": v.detach() for k, v in t.named_parameters()})
+    return out
+
+lora_state_dict = adapter_state_dict  # the name chapter 9 uses; the same function
+
+def save_adapters(model:nn.Module, # a model with adapters (any kind)
+                  path # the file to write (safetensors)
+                 ) -> Path:
+    "Write `adapter_state_dict(model)` to `path` as safetensors (no pickle: loading it runs no code)."
+    from safetensors.torch import save_file
+    sd = adapter_state_dict(model)
+    if not sd: raise ValueError(f"{type(model).__name__} has no adapters to save")
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+def load_adapters(model:nn.Module, # a model with the same adapters (kind, names, shapes) as the saved one
+                  source # a file written by `save_adapters`, or a state dict like `adapter_state_dict`'s
+                 ) -> nn.Module:
+    "Copy saved adapter tensors into `model` in place; every tensor must match an adapter tensor by name and shape."
+    if not isinstance(source, dict):
+        from safetensors.torch import load_file
+        source = load_file(str(source))
+    mine = adapter_state_dict(model)
+    missing, unexpected = sorted(mine.keys() - source.keys()), sorted(source.keys() - mine.keys())
+    if missing or unexpected:
+        raise ValueError(f"the saved adapters do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = [k for k in mine if mine[k].shape != source[k].shape]
+    if wrong: raise ValueError(f"shape mismatch for {wrong[:3]}: saved {tuple(source[wrong[0]].shape)}, model {tuple(mine[wrong[0]].shape)}")
+    with torch.no_grad():
+        for k, t in mine.items(): t.copy_(source[k])   # `t` shares storage with the parameter
+    return model
+
 # %% ../nbs/03_lora.ipynb #0ecb36d9
 @contextmanager
 def adapters_disabled(model:nn.Module # a model with adapter modules (any module with an `adapters_enabled` flag)
                      ):
     "Inside the block every adapter of `model` computes its base alone: the model is its frozen base (peft's `disable_adapter()`)."
-    adapters = [m for m in model.modules() if hasattr(m, 'adapters_enabled')]
+    adapters = list(adapter_modules(model).values())
     if not adapters:
         raise ValueError(f"{type(model).__name__} has no adapters to disable (no module with an `adapters_enabled` flag)")
     if any(getattr(m, 'merged', False) for m in adapters):

@@ -17,23 +17,26 @@ from .generate import _cache_arg, _out_cache
 # %% auto #0
 __all__ = ['PEFT_NAMES', 'DoRALinear', 'apply_dora', 'copy_dora_from_peft', 'virtual_labels', 'virtual_sft_loss_fn',
            'VirtualTokens', 'SoftPrompt', 'PromptTuning', 'apply_prompt_tuning', 'PTuning', 'apply_p_tuning', 'kv_dims',
-           'PrefixTuning', 'apply_prefix_tuning', 'peft_name', 'copy_from_peft', 'trainable_state_dict']
+           'PrefixTuning', 'apply_prefix_tuning', 'peft_name', 'copy_from_peft']
 
 # %% ../nbs/03a_peft_methods.ipynb #b0edf352
 class DoRALinear(LoRALinear):
     "LoRA on the direction, a trainable magnitude per output unit: `m ⊙ (W + s·BA) / ‖W + s·BA‖_row`, the norm detached."
+    adapter_names = ('lora_A', 'lora_B', 'lora_magnitude')  # the trained tensors: what `adapter_state_dict` saves
+
     def __init__(self,
                  base:nn.Linear, # the pretrained layer; frozen
                  r:int,          # rank of the update of the direction
                  alpha:float,    # the update is scaled by `alpha/r`
-                 dropout:float=0.0 # dropout on the input of the update path
+                 dropout:float=0.0, # dropout on the input of the update path
+                 autocast_adapter_dtype:bool=True # over an fp16/bf16 base keep A, B and m in fp32, as peft does
                 ):
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, alpha, dropout, autocast_adapter_dtype)
         self.init_magnitude()
 
     def init_magnitude(self):
-        "`m = ‖W + s·BA‖` per output row; with `B = 0` the layer starts equal to the base layer."
-        self.lora_magnitude = nn.Parameter(self.weight_norm().clone())
+        "`m = ‖W + s·BA‖` per output row, in the adapter's dtype; with `B = 0` the layer starts equal to the base layer."
+        self.lora_magnitude = nn.Parameter(self.weight_norm().to(self.lora_A.dtype).clone())
 
     @classmethod
     def from_lora(cls, layer:LoRALinear) -> DoRALinear:
@@ -44,26 +47,33 @@ class DoRALinear(LoRALinear):
 
     def weight_norm(self) -> torch.Tensor:
         "`‖W + s·BA‖` of each output row (`d_out` values), detached: a constant for the gradient."
-        with torch.no_grad(): return torch.linalg.norm(self.base.weight + self.delta_weight(), dim=1)
+        with torch.no_grad(): return torch.linalg.norm(self.dense_base_weight() + self.delta_weight(), dim=1)
 
     def forward(self, x):
         y = self.base(x)
         if self.merged or not self.adapters_enabled: return y   # adapters off: the base layer, not (m/‖W‖)·W x
+        x = x.to(self.lora_A.dtype)  # a bf16 input meets fp32 adapters: the correction is computed in fp32, as peft does
         scale = (self.lora_magnitude / self.weight_norm()).view(1, -1)   # m / ‖W + s·BA‖, one per output unit
         if isinstance(self.dropout, nn.Identity) or not self.training:
             wx = y if self.base.bias is None else y - self.base.bias      # W x, reused from the frozen output
-        else: x = self.dropout(x); wx = F.linear(x, self.base.weight)    # with dropout, W x of the dropped input
+        else:
+            x = self.dropout(x)
+            wx = F.linear(x, self.dense_base_weight().to(x.dtype))        # with dropout, W x of the dropped input
         lora = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return y + ((scale - 1) * wx + scale * lora * self.scaling)
+        return (y + ((scale - 1) * wx + scale * lora * self.scaling)).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        "`W' = m ⊙ (W + s·BA)/‖W + s·BA‖`: the weight of one plain layer that computes what this layer computes."
+        norm = self.weight_norm()
+        return (self.lora_magnitude / norm).view(-1, 1) * (self.dense_base_weight() + self.delta_weight())
 
     @torch.no_grad()
     def merge(self):
-        "Replace `W` by `W' = m ⊙ (W + s·BA)/‖W + s·BA‖` in place (the norm is kept for `unmerge`)."
+        "Replace `W` by `W'` in place (the norm of `W + s·BA` is kept for `unmerge`)."
         if not self.merged:
+            self._check_mergeable()
             self._norm = self.weight_norm()
-            w = self.base.weight
-            w.copy_((self.lora_magnitude / self._norm).view(-1, 1) * (w + self.delta_weight()))
-            self.merged = True
+            super().merge()
         return self
 
     @torch.no_grad()
@@ -80,10 +90,11 @@ def apply_dora(model:nn.Module, # any model with `nn.Linear` layers; modified in
                r:int=8,         # rank of the direction update
                alpha:float=16,  # the update is scaled by `alpha/r`
                target_modules=('q_proj', 'v_proj'), # which layers, matched like peft (see `apply_lora`)
-               dropout:float=0.0 # dropout on the update path's input
+               dropout:float=0.0, # dropout on the update path's input
+               autocast_adapter_dtype:bool=True # over fp16/bf16 weights keep the adapters in fp32 (peft's default)
               ) -> nn.Module:
     "Freeze `model` and replace each targeted `nn.Linear` by a `DoRALinear`; returns `model`."
-    apply_lora(model, r, alpha, target_modules, dropout)
+    apply_lora(model, r, alpha, target_modules, dropout, autocast_adapter_dtype)
     for layer in lora_layers(model).values(): DoRALinear.from_lora(layer)
     return model
 
@@ -116,6 +127,7 @@ def virtual_sft_loss_fn(model, batch:dict) -> tuple[torch.Tensor, dict]:
 
 class VirtualTokens(nn.Module):
     "A frozen causal LM with `n_virtual` trained positions in front of every sequence (base of the three methods below)."
+    adapter_names = ()  # each method names its trained tensors
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
                  n_virtual:int # how many virtual tokens
                 ):
@@ -167,6 +179,7 @@ class SoftPrompt(VirtualTokens):
 # %% ../nbs/03a_peft_methods.ipynb #0ac61012
 class PromptTuning(SoftPrompt):
     "Prompt tuning (Lester et al. 2021): `n_virtual` trainable input embeddings in front of the sequence."
+    adapter_names = ('prompt',)  # the trained tensors: what `adapter_state_dict` saves
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
                  n_virtual:int=20, # number of virtual tokens
                  init:str='vocab', # 'vocab': embeddings of random tokens; 'text': of `text`'s tokens; 'random': N(0,1)
@@ -193,6 +206,7 @@ def apply_prompt_tuning(model:nn.Module, n_virtual:int=20, init:str='vocab', tok
 # %% ../nbs/03a_peft_methods.ipynb #547b1f53
 class PTuning(SoftPrompt):
     "P-tuning (Liu et al. 2021): virtual tokens produced by a prompt encoder, `MLP(table)`; peft's 'MLP' encoder."
+    adapter_names = ('embedding', 'mlp')  # the trained tensors: what `adapter_state_dict` saves
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
                  n_virtual:int=20,     # number of virtual tokens
                  hidden:int|None=None  # the MLP's hidden size (default: the model's hidden size, as peft)
@@ -218,6 +232,7 @@ def kv_dims(config) -> tuple[int, int, int]:
 
 class PrefixTuning(VirtualTokens):
     "Prefix tuning (Li & Liang 2021): trainable keys and values at `n_virtual` positions in every attention layer."
+    adapter_names = ('embedding', 'mlp')  # the trained tensors (no `mlp` once baked): what `adapter_state_dict` saves
     def __init__(self, model:nn.Module, # a transformers causal LM; frozen here
                  n_virtual:int=10,     # prefix length
                  projection:bool=True, # train through the paper's MLP reparameterisation (`prefix_projection` in peft)
@@ -287,8 +302,3 @@ def copy_from_peft(ours:nn.Module,     # our model (after `apply_dora`) or wrapp
     with torch.no_grad():
         for n, p in mine.items(): p.copy_(theirs[n])
     return ours
-
-# %% ../nbs/03a_peft_methods.ipynb #2efd815e
-def trainable_state_dict(model:nn.Module) -> dict[str, torch.Tensor]:
-    "The trained tensors only (any method: LoRA/DoRA factors and magnitudes, soft prompts, prompt encoders, prefixes)."
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -5,7 +5,8 @@ from torch import nn
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config
 from ftcourse.core import tiny_model, load_model
-from ftcourse.lora import (LoRALinear, adapters_disabled, apply_lora, lora_layers, lora_state_dict, merge_lora, count_trainable, copy_lora_from_peft,
+from ftcourse.lora import (LoRALinear, adapters_disabled, adapter_state_dict, save_adapters, load_adapters, apply_lora,
+                           lora_layers, lora_state_dict, merge_lora, count_trainable, copy_lora_from_peft,
                            peft_lora_layer, lora_params, lora_param_count, model_param_count, peft_trainable_count, target_names,
                            meta_model, TARGETS, KNOWN_CONFIGS, SMOLLM2_135M, LLAMA2_7B, MISTRAL_7B, LLAMA3_8B)
 
@@ -121,17 +122,82 @@ def test_merge_lora_unload_equals_peft_merge_and_unload():
     s1, s2 = m1.state_dict(), merged.state_dict()
     assert s1.keys() == s2.keys() and max((s1[k] - s2[k]).abs().max().item() for k in s1) <= TOL
 
-def test_lora_state_dict_roundtrip(tmp_path):
-    m, _ = tiny_model(); apply_lora(m, r=2, alpha=4)
-    sd = lora_state_dict(m)
-    assert len(sd) == 2 * 2 * 4 and all(k.endswith(('lora_A', 'lora_B')) for k in sd)
-    torch.save(sd, tmp_path / 'a.pt')
-    back = torch.load(tmp_path / 'a.pt', weights_only=True)
-    m2, _ = tiny_model(); apply_lora(m2, r=2, alpha=4)
+def test_adapters_save_load_roundtrip(tmp_path):
+    m, tok = tiny_model(); apply_lora(m, r=2, alpha=4)
     with torch.no_grad():
-        for v in lora_state_dict(m2).values(): v.zero_()
-    m2.load_state_dict(back, strict=False)
-    assert all(torch.equal(lora_state_dict(m2)[k], sd[k]) for k in sd)
+        for l in lora_layers(m).values(): l.lora_B.normal_()   # as if trained
+    sd = adapter_state_dict(m)
+    assert len(sd) == 2 * 2 * 4 and all(k.endswith(('lora_A', 'lora_B')) for k in sd)
+    assert lora_state_dict is adapter_state_dict   # one function under the older name
+    f = save_adapters(m, tmp_path / 'a.safetensors')
+    m2, _ = tiny_model(); apply_lora(m2, r=2, alpha=4)
+    load_adapters(m2, f)
+    assert all(torch.equal(adapter_state_dict(m2)[k], sd[k]) for k in sd)
+    ids = tok(['hello there'], return_tensors='pt')['input_ids']
+    with torch.no_grad(): assert torch.equal(m2(ids).logits, m(ids).logits)
+    # a file that does not fit the model is refused with the reason, not loaded in part
+    m3, _ = tiny_model(); apply_lora(m3, r=4, alpha=8)
+    with pytest.raises(ValueError, match='shape mismatch'): load_adapters(m3, f)
+    m4, _ = tiny_model(); apply_lora(m4, r=2, alpha=4, target_modules=('q_proj',))
+    with pytest.raises(ValueError, match='unexpected'): load_adapters(m4, f)
+    with pytest.raises(ValueError, match='no adapters'): save_adapters(tiny_model()[0], tmp_path / 'b.safetensors')
+
+def test_bf16_base_keeps_fp32_adapters_like_peft():
+    "peft 0.21 upcasts the adapters over a bf16 base (autocast_adapter_dtype=True): dtypes, logits, gradients equal."
+    m, tok = tiny_model(); m = m.to(torch.bfloat16)
+    p2 = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, lora_alpha=8, target_modules='all-linear'))
+    for n, p in p2.named_parameters():
+        if 'lora_B' in n: nn.init.normal_(p, std=0.05)
+    m1 = copy_lora_from_peft(apply_lora(copy.deepcopy(m), r=4, alpha=8, target_modules='all-linear'), p2)
+    assert {p.dtype for p in p2.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in m1.parameters() if p.requires_grad} == {torch.float32}
+    assert all(l.base.weight.dtype == torch.bfloat16 for l in lora_layers(m1).values())
+    assert apply_lora(copy.deepcopy(m), autocast_adapter_dtype=False).model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
+    b = tok(["hello there friend", "what is 2+3?"], return_tensors='pt', padding=True)
+    o, t = m1(**b, labels=b['input_ids']), p2(**b, labels=b['input_ids'])
+    assert o.logits.dtype == t.logits.dtype == torch.bfloat16
+    # the same operations in the same dtypes: bit-exact here; the bound is one bf16 rounding (2^-8) of the largest logit
+    assert (o.logits.float() - t.logits.float()).abs().max() <= 2 ** -8 * t.logits.float().abs().max()
+    o.loss.backward(); t.loss.backward()
+    gt = {n.removeprefix('base_model.model.').replace('.default.weight', ''): p.grad for n, p in p2.named_parameters() if p.requires_grad}
+    for n, p in m1.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32
+            assert (p.grad - gt[n]).abs().max() <= 1e-3 * gt[n].abs().max(), n   # fp32 gradients through a bf16 model
+
+def test_bf16_merge_equals_peft():
+    "Merging into a bf16 weight rounds W + (alpha/r)BA once, computed in fp32, as peft's merge does."
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(torch.bfloat16)
+    ours = LoRALinear(copy.deepcopy(base), 4, 8)
+    theirs = get_peft_model(nn.Sequential(copy.deepcopy(base)), LoraConfig(r=4, lora_alpha=8, target_modules=['0'])).base_model.model[0]
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        theirs.lora_A['default'].weight.copy_(ours.lora_A); theirs.lora_B['default'].weight.copy_(ours.lora_B)
+    assert ours.lora_A.dtype == theirs.lora_A['default'].weight.dtype == torch.float32
+    ours.merge(); theirs.merge()
+    assert ours.base.weight.dtype == torch.bfloat16 and torch.equal(ours.base.weight, theirs.base_layer.weight)
+
+def test_merge_lora_on_a_layer_and_an_nf4_base():
+    "merge_lora asks each layer: a bare layer gives its merged nn.Linear; a 4-bit base is dequantized, never merged in place."
+    from ftcourse.quant import quantize_lora_bases, dequantize_nf4
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(64, 32), 4, 8)
+    with torch.no_grad(): lin.lora_B.normal_()
+    x = torch.randn(3, 64)
+    plain = merge_lora(lin, unload=True)
+    assert type(plain) is nn.Linear and torch.allclose(plain(x), lin(x), atol=1e-5)
+    m, tok = tiny_model(); apply_lora(m, r=4, alpha=8)
+    for l in lora_layers(m).values(): nn.init.normal_(l.lora_B, std=0.05)
+    quantize_lora_bases(m)
+    ids = tok(['hello there'], return_tensors='pt')['input_ids']
+    q = m.model.layers[0].self_attn.q_proj
+    expected = dequantize_nf4(q.base.packed, q.base.state, torch.float32) + q.delta_weight()
+    with torch.no_grad(): before = m(ids).logits
+    with pytest.raises(TypeError, match='unload=True'): merge_lora(m)
+    merge_lora(m, unload=True)
+    assert not lora_layers(m) and torch.equal(m.model.layers[0].self_attn.q_proj.weight, expected)
+    with torch.no_grad(): assert (m(ids).logits - before).abs().max() <= 1e-4
 
 def _trained_pair(targets='all-linear'):
     "The tiny model adapted by us and by peft with the same random, non-zero factors (as after training)."

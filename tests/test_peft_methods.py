@@ -7,7 +7,8 @@ peft = pytest.importorskip('peft')
 from peft import LoraConfig, get_peft_model, PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from ftcourse.core import tiny_model
-from ftcourse.lora import count_trainable, lora_layers, merge_lora, LoRALinear, adapters_disabled
+from ftcourse.lora import (count_trainable, lora_layers, merge_lora, LoRALinear, adapters_disabled, adapter_state_dict,
+                           save_adapters, load_adapters)
 from ftcourse.sft import sft_loss, collate_sft, IGNORE_INDEX
 from ftcourse.peft_methods import (DoRALinear, apply_dora, apply_prompt_tuning, apply_p_tuning, apply_prefix_tuning,
                                    copy_from_peft, copy_dora_from_peft, peft_name, virtual_labels, virtual_sft_loss_fn,
@@ -97,6 +98,75 @@ def test_dora_off_is_not_scaling_zero():
         assert (dora(x) - base(x)).abs().max() > 1e-2
         dora.scaling = 2.0
         with adapters_disabled(dora): assert torch.equal(dora(x), base(x))
+
+def test_dora_merge_and_unload_equals_unmerged_and_peft():
+    "merge_lora(unload=True) on DoRA: W' = m (W + sBA)/||W + sBA|| per row; logits equal the unmerged model and peft's merge_and_unload()."
+    theirs, ours, tok = _pair('dora')
+    b = _batch(tok)
+    ids, mask = b['input_ids'], b['attention_mask']
+    with torch.no_grad():
+        before = ours(input_ids=ids, attention_mask=mask).logits
+        layer = lora_layers(ours)['model.layers.0.self_attn.q_proj']
+        W, delta, m = layer.base.weight.clone(), layer.delta_weight(), layer.lora_magnitude
+        expected_q = m.view(-1, 1) * (W + delta) / torch.linalg.norm(W + delta, dim=1, keepdim=True)
+        merge_lora(ours, unload=True)
+        merged_peft = theirs.merge_and_unload()
+        after = ours(input_ids=ids, attention_mask=mask).logits
+        after_peft = merged_peft(input_ids=ids, attention_mask=mask).logits
+    assert not lora_layers(ours) and type(ours.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert (ours.model.layers[0].self_attn.q_proj.weight - expected_q).abs().max() <= 1e-6
+    s1, s2 = ours.state_dict(), merged_peft.state_dict()
+    assert s1.keys() == s2.keys() and max((s1[k] - s2[k]).abs().max().item() for k in s1) <= 1e-6
+    assert (after - before).abs().max() <= 1e-4 and (after - after_peft).abs().max() <= 1e-5
+
+def test_dora_save_load_keeps_magnitudes(tmp_path):
+    _, ours, tok = _pair('dora')   # magnitudes scaled by 1.1: not the initial norms
+    sd = adapter_state_dict(ours)
+    mags = {k for k in sd if k.endswith('lora_magnitude')}
+    assert len(mags) == len(lora_layers(ours)) == 7 * 4
+    f = save_adapters(ours, tmp_path / 'dora.safetensors')
+    fresh, _ = tiny_model(); apply_dora(fresh, 4, 8, 'all-linear')
+    assert not all(torch.equal(adapter_state_dict(fresh)[k], sd[k]) for k in mags)
+    load_adapters(fresh, f)
+    assert all(torch.equal(adapter_state_dict(fresh)[k], sd[k]) for k in sd)
+    b = _batch(tok)
+    with torch.no_grad(): assert torch.equal(fresh(**b).logits, ours(**b).logits)
+
+@pytest.mark.parametrize('method', ['prompt', 'ptuning', 'prefix_mlp'])
+def test_virtual_tokens_save_load_and_no_merge(method, tmp_path):
+    _, ours, tok = _pair(method)
+    with torch.no_grad():
+        for t in adapter_state_dict(ours).values(): t.add_(0.1)   # as if trained
+    f = save_adapters(ours, tmp_path / 'a.safetensors')
+    fresh = load_adapters(_ours(method, tiny_model()[0], tok), f)
+    assert adapter_state_dict(fresh).keys() == adapter_state_dict(ours).keys()
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(adapter_state_dict(ours))
+    b = _batch(tok)
+    with torch.no_grad(): assert torch.equal(fresh(input_ids=b['input_ids']).logits, ours(input_ids=b['input_ids']).logits)
+    with pytest.raises(TypeError, match='no weight to merge'): merge_lora(ours)
+
+def test_dora_bf16_base_keeps_fp32_adapters_like_peft():
+    "Over a bf16 model peft keeps A, B and the magnitudes in fp32; so do we: dtypes, logits and gradients equal."
+    m, tok = tiny_model(); m = m.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore'); theirs = get_peft_model(copy.deepcopy(m), _configs()['dora'])
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if 'lora_B' in n: p.normal_(std=0.1)
+            if 'magnitude' in n: p.mul_(1.1)
+    ours = copy_from_peft(apply_dora(copy.deepcopy(m), 4, 8, 'all-linear'), theirs)
+    assert {p.dtype for p in theirs.parameters() if p.requires_grad} == {torch.float32}
+    assert {n.rsplit('.', 1)[-1]: p.dtype for n, p in ours.named_parameters() if p.requires_grad} == \
+        dict(lora_A=torch.float32, lora_B=torch.float32, lora_magnitude=torch.float32)
+    b = _batch(tok)
+    o, t = ours(**b), theirs(**b)
+    assert o.logits.dtype == t.logits.dtype == torch.bfloat16
+    # the same operations in the same dtypes: bit-exact here; the bound is one bf16 rounding (2^-8) of the largest logit
+    assert (o.logits.float() - t.logits.float()).abs().max() <= 2 ** -8 * t.logits.float().abs().max()
+    o.loss.backward(); t.loss.backward()
+    gt = {peft_name(n, ours): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad: assert (p.grad - gt[n]).abs().max() <= 1e-3 * gt[n].abs().max(), n
 
 @pytest.mark.parametrize('dropout', [0.0, 0.2])
 def test_dora_layer_bit_exact_with_bias_and_dropout(dropout):
