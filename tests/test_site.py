@@ -85,6 +85,38 @@ def _png_outputs(nb_name):
     shown = [c for c in nb['cells'] if c['cell_type'] == 'code' and not re.search(r'^#\|\s*(include|output):\s*false', ''.join(c.get('source', '')), re.M)]
     return sum('image/png' in o.get('data', {}) for c in shown for o in c.get('outputs', []))
 
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+def _norm(t:str) -> str: return '\n'.join(l.rstrip() for l in _ANSI.sub('', t).strip().splitlines())
+
+def _printed(nb_name):
+    "What the cells of the processed notebook printed (stream outputs, one string each), except cells Quarto leaves out."
+    nb = json.loads((ROOT/'_proc'/nb_name).read_text())
+    def hidden(c): return re.search(r'^#\|\s*(include|output):\s*false', ''.join(c.get('source', '')), re.M)
+    shown = [c for c in nb['cells'] if c['cell_type'] == 'code' and not hidden(c)]
+    texts = [o.get('text', '') for c in shown for o in c.get('outputs', []) if o.get('output_type') == 'stream']
+    texts = [''.join(t) if isinstance(t, list) else t for t in texts]
+    return [_norm(t) for t in texts if t.strip() and '\r' not in t]   # progress bars redraw with \r: not plain text
+
+_LIST_REPR = re.compile(r"""^\[(['"]).*\\n\1,""", re.S)   # ['line 1\n', 'line 2\n', ...]: lines shown as a Python list
+
+def _check_printed(browser, page, nb):
+    "Every printed output reads on the page as the text that was printed, and no output shows a Python list of lines."
+    outs = browser.execute_script(
+        "return [...document.querySelectorAll('#content .output_subarea, #content .jp-OutputArea-output')]"
+        ".map(e => e.innerText)")
+    lists = [o[:80] for o in outs if _LIST_REPR.match(o.strip())]
+    assert not lists, f"{page}: outputs shown as a list of lines: {lists}"
+    shown = '\n'.join(_norm(o) for o in outs)
+    missing = [t[:120] for t in _printed(nb) if t not in shown]
+    assert not missing, f"{page}: printed text not on the page as printed: {missing}"
+    return len(_printed(nb))
+
+def test_printed_output_check_catches_lists():
+    "What the renderer did before nbformat normalised the notebooks: a list of lines, shown as its repr."
+    assert _LIST_REPR.match(str(['max |scratch - bnb| = 0.0 | bit-identical: True\n', ' 0 -1.0000000000\n']))
+    assert not _LIST_REPR.match('max |scratch - bnb| = 0.0 | bit-identical: True\n 0 -1.0000000000')
+    assert not _LIST_REPR.match("['a', 'b']")   # a printed list of words is not a list of lines
+
 def test_build(built):
     out, secs = built
     print(f"site built in {secs:.0f} s")
@@ -95,10 +127,12 @@ def test_build(built):
             pytest.fail(f"{f.name} loads {u} from outside the site")
 
 def test_every_page(built, server, browser):
-    "Loads without console errors; plots are loaded images; math is typeset; sidebar follows nbs/sidebar.yml."
+    """Loads without console errors; plots are loaded images; math is typeset; printed text reads as printed; the
+    sidebar is as nbs/sidebar.yml says."""
     pages = _pages()
     from nbdev.config import nbpath2html
     want_nav = [nbpath2html(f).name for _, fs in site.sidebar() for f in fs]
+    printed = 0
     for nb, page in pages:
         errors = _open(browser, server + page)
         assert not errors, f"{page}: console errors: {errors}"
@@ -119,7 +153,9 @@ def test_every_page(built, server, browser):
         assert nav == want_nav, f"{page}: sidebar {nav}, nbs/sidebar.yml says {want_nav}"
         heading = browser.execute_script("return document.querySelector('h1.title').innerText")
         assert heading.strip(), page
-    print(f"{len(pages)} pages checked")
+        printed += _check_printed(browser, page, nb)
+    assert printed > 10, f"only {printed} printed outputs on the whole site"
+    print(f"{len(pages)} pages checked, {printed} printed outputs read as printed")
 
 def test_math_is_typeset(built, server, browser):
     "KaTeX from the site's own _static/ typesets display and inline math (a page made from the site's template)."
