@@ -6,10 +6,11 @@ The same notebooks as nbdev's Quarto route, processed the same way, rendered by 
    `tst_flags`, execnb's `CaptureShell`, the notebook's folder as working directory, `cell_timeout` from pyproject),
    keeping the outputs. A notebook that holds `#| gpu` cells runs instead as a learner's Run All does: in a real
    Jupyter kernel (nbclient + ipykernel), with only nbdev's other skipped cells (`slow`, `notest`, `eval: false`)
-   left out, so that its GPU cells run and must skip themselves where there is no GPU. No notebook runs twice. Notebooks are committed without outputs, so this is where the plots come from. An executed
-   notebook is cached under ~/.cache/ftcourse/site/exec/ (or $FTCOURSE_SITE_CACHE) by the hash of the notebook, the
-   package ftcourse/ (code and data) and the versions of the libraries it runs, so a rebuild with nothing changed
-   executes nothing, and `--execute` run once by the test suite (in place of `nbdev-test`) serves the site test too.
+   left out, so that its GPU cells run and must skip themselves where there is no GPU. No notebook runs twice.
+   Notebooks are committed without outputs, so this is where the plots come from. An executed notebook is cached
+   under ~/.cache/ftcourse/site/exec/ (or $FTCOURSE_SITE_CACHE) by the hash of the notebook, the package ftcourse/
+   (code and data) and the versions of the libraries it runs, so a rebuild with nothing changed executes nothing,
+   and `--execute` run once by the test suite (in place of `nbdev-test`) serves the site test too.
 2. **Process** the executed copies with nbdev's own doc processing (`nbdev.serve.proc_nbs`, as `nbdev-proc-nbs` and
    `nbdev-docs` do) into _proc/: frontmatter, `show_doc` for every export, doc links, hidden and exported cells removed.
 3. **Render** each processed notebook with nbconvert's HTML exporter (the Jupyter project's own renderer) into a page
@@ -115,6 +116,10 @@ def _execute_kernel(src:Path, dst:Path) -> tuple[bool, float, str]:
                 if cell.cell_type == 'code' and not skip(pc): client.execute_cell(cell, i)
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
         return False, time.time()-t0, f"{src.name} (Jupyter kernel, as Run All): {e}"
+    # a widget's output keeps only its first state as text (a progress bar at 0%): the page shows what is printed
+    widget = 'application/vnd.jupyter.widget-view+json'
+    for cell in nb.cells:
+        if cell.cell_type == 'code': cell.outputs = [o for o in cell.outputs if widget not in o.get('data', {})]
     nbformat.write(nb, str(dst.with_suffix('.tmp')))
     dst.with_suffix('.tmp').replace(dst)
     return True, time.time()-t0, ''
