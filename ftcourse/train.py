@@ -172,9 +172,9 @@ def _accelerator(cfg):
     process_state()
     kw = dict(cpu=_cpu_launch(), mixed_precision=mp, log_with=cfg.log_with, project_dir=cfg.out_dir)
     try: return Accelerator(**kw)
-    except ValueError:                      # a notebook that trained before with other settings: start the state afresh
-        if AcceleratorState().num_processes > 1: raise
-        AcceleratorState._reset_state(True); return Accelerator(**kw)
+    except ValueError:                      # an earlier run in this process had other settings: start afresh,
+        AcceleratorState._reset_state(not torch.distributed.is_initialized())   # keeping a launch's process group
+        return Accelerator(**kw)
 
 def fsdp_shard(model, device):
     "Shard `model` over all processes with FSDP2's `fully_shard`: each transformer block is one unit, the rest the root's."
