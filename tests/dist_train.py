@@ -2,7 +2,7 @@
 `ftcourse sft` command) and report, per rank, which examples this process trained on, what it wrote to disk, the
 history and the final weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli ddp fsdp fsdp-resume
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli ddp fsdp fsdp-resume ddp-masked
 """
 import json, os, shutil, sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from ftcourse.core import tiny_model, load_course_dataset
 from ftcourse.sft import build_sft_example, collate_sft, sft_loss_fn
-from ftcourse.train import TrainConfig, train, trainable_state_dict, process_state
+from ftcourse.train import TrainConfig, train, trainable_state_dict, process_state, batch_indices
 
 def examples():
     "The test's examples, and a key per example to recognise it in a batch (its tokens)."
@@ -23,6 +23,12 @@ def config(strategy, out_dir):
     "The run both the two-process launch and the one-process reference use."
     return TrainConfig(steps=3, batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=0, mixed_precision='no', eval_every=3,
                        save_every=2, out_dir=str(out_dir), progress=False, strategy=strategy)
+
+def masked(exs):
+    "`exs` with every label of process 1's share of step 0 set to -100: in step 0 that process has nothing to learn from."
+    out = [dict(e) for e in exs]
+    for j in batch_indices(0, 4, len(exs))[1::2]: out[j]['labels'] = [-100] * len(out[j]['labels'])
+    return out
 
 CLI_ARGS = ['sft', '--model', 'tiny', '--adapter', 'full', '--steps', '3', '--batch-size', '4', '--warmup-steps', '0',
             '--learning-rate', '1e-3', '--n-eval', '8', '--eval-every', '0']
@@ -57,10 +63,12 @@ if __name__ == '__main__':
             (work/f'cli-rank{rank}.json').write_text(json.dumps(report))
             writes.clear()
             continue
-        resume = strategy.endswith('-resume')  # a run that starts from the step-2 checkpoint of the run before it
+        base, _, variant = strategy.partition('-')
+        resume = variant == 'resume'       # a run that starts from the step-2 checkpoint of the `base` run before it
         if resume:
-            if rank == 0: shutil.copytree(work/'runs'/strategy[:-7]/'checkpoint-000002', work/'runs'/strategy/'checkpoint-000002')
+            if rank == 0: shutil.copytree(work/'runs'/base/'checkpoint-000002', work/'runs'/strategy/'checkpoint-000002')
             torch.distributed.barrier()
+        data = masked(exs) if variant == 'masked' else exs
         model, _ = tiny_model()
         seen = []
         def loss_fn(m, batch):
@@ -68,8 +76,7 @@ if __name__ == '__main__':
                 for ids, mask in zip(batch['input_ids'].tolist(), batch['attention_mask'].tolist()):
                     seen.append(key[tuple(t for t, a in zip(ids, mask) if a)])
             return sft_loss_fn(m, batch)
-        cfg = config(strategy.removesuffix('-resume'), work/'runs'/strategy)
-        hist = train(model, loss_fn, exs, cfg, collate_fn=coll, eval_data=exs[-4:], resume=resume)
+        hist = train(model, loss_fn, data, config(base, work/'runs'/strategy), collate_fn=coll, eval_data=exs[-4:], resume=resume)
         weights = trainable_state_dict(model)      # FSDP: every process takes part in gathering the shards
         save_file(weights, work/f'{strategy}-rank{rank}.safetensors')
         report = dict(rank=rank, world=state.num_processes, distributed_type=str(state.distributed_type),

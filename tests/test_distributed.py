@@ -7,7 +7,7 @@ import pytest, torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_train import examples, config, CLI_ARGS
+from dist_train import examples, config, masked, CLI_ARGS
 from ftcourse.core import tiny_model
 from ftcourse.sft import sft_loss_fn
 from ftcourse.train import train, batch_indices, trainable_state_dict
@@ -24,10 +24,10 @@ def launched(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     env.pop('CUDA_VISIBLE_DEVICES', None)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541',
-           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume']
+           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in ('cli', 'ddp', 'fsdp', 'fsdp-resume') for r in (0, 1)}
+    reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in ('cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked') for r in (0, 1)}
     return work, reports, p.stdout
 
 @pytest.fixture(scope='module')
@@ -93,6 +93,20 @@ def test_fsdp_resumes_from_a_checkpoint_exactly(launched):
         whole, resumed = load_file(work/f'fsdp-rank{rank}.safetensors'), load_file(work/f'fsdp-resume-rank{rank}.safetensors')
         for k in whole: assert torch.equal(whole[k], resumed[k]), k       # the same operations on the same values
         assert [r['loss'] for r in rep['history'] if 'loss' in r] == [r['loss'] for r in reports['fsdp', rank]['history'] if 'loss' in r]
+
+def test_a_process_with_nothing_to_learn_still_takes_part(launched, data, tmp_path):
+    "Process 1's share of step 0 is all masked: it still runs its micro-batches (weight 0), so nobody waits forever."
+    work, reports, _ = launched
+    exs, coll = data
+    model, _ = tiny_model()
+    hist = train(model, sft_loss_fn, masked(exs), config('ddp', tmp_path), collate_fn=coll, eval_data=exs[-4:])
+    w1 = trainable_state_dict(model)
+    for rank in (0, 1):
+        h2 = reports['ddp-masked', rank]['history']
+        assert [r.get('items') for r in h2] == [r.get('items') for r in hist]
+        assert [r['loss'] for r in h2 if 'loss' in r] == pytest.approx([r['loss'] for r in hist if 'loss' in r], rel=LOSS_RTOL)
+        w2 = load_file(work/f'ddp-masked-rank{rank}.safetensors')
+        for k in w1: torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL)
 
 def test_the_command_writes_one_run_folder_from_rank_0(launched, tmp_path):
     "`torchrun ... ftcourse sft`: one run folder, written by rank 0 alone, and the one-process command's losses."
