@@ -1,10 +1,11 @@
-"""Benchmark: ftcourse.quant NF4 quantize/dequantize vs bitsandbytes' CPU kernels, on the same tensors, in one run.
-Run: python bench/nf4.py  (writes nothing; copy the table into bench/nf4.md)."""
+"""Benchmark: ftcourse.quant NF4 quantize/dequantize vs bitsandbytes' CPU kernels, on the same tensors, in one run;
+then a training step through a 4-bit layer (forward + backward of NF4Linear vs bitsandbytes' Linear4bit in training mode).
+Run: python bench/nf4.py  (writes nothing; copy the tables into bench/nf4.md)."""
 import time, platform, os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 import bitsandbytes as bnb, bitsandbytes.functional as bnbF
-from ftcourse.quant import quantize_nf4, dequantize_nf4
+from ftcourse.quant import quantize_nf4, dequantize_nf4, NF4Linear
 
 torch._dynamo.config.disable = True
 
@@ -44,4 +45,32 @@ def main():
     for name, dq, a, b, c, d in rows:
         print(f'| {name} | {dq} | {a:.1f} | {b:.1f} | {a/b:.2f} | {c:.1f} | {d:.1f} | {c/d:.2f} |')
 
-if __name__ == '__main__': main()
+def linear4bit(lin):
+    "bitsandbytes' Linear4bit (NF4, double quantization, fp32 compute) holding `lin`'s weight, in training mode."
+    ref = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32, quant_type='nf4',
+                            compress_statistics=True)
+    ref.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type='nf4',
+                                   compress_statistics=True, blocksize=64)
+    return ref.to('cpu').train()
+
+def train_step():
+    "Forward + backward through one frozen 4-bit layer (input needs a gradient, as under LoRA): ours vs bitsandbytes."
+    from ftcourse.checkpoint import SavedTensors
+    print('| layer (out x in), input rows | fwd+bwd ours ms | fwd+bwd bnb ms | ours/bnb | saved for backward, ours | fp32 weight |')
+    print('|---|---|---|---|---|---|')
+    torch.manual_seed(0)
+    for (d_out, d_in), rows in [((1536, 576), 512), ((576, 1536), 512), ((4096, 4096), 512)]:
+        lin = torch.nn.Linear(d_in, d_out, bias=False)
+        ours, ref = NF4Linear.from_linear(lin), linear4bit(lin)
+        x = torch.randn(rows, d_in, requires_grad=True)
+        g = torch.randn(rows, d_out)
+        y_o, y_b = ours(x), ref(x)
+        assert torch.equal(y_o, y_b)
+        with SavedTensors() as st: ours(x)
+        t_o = best_of(lambda: ours(x).backward(g))
+        t_b = best_of(lambda: ref(x).backward(g))
+        print(f'| {d_out}x{d_in}, {rows} | {t_o:.1f} | {t_b:.1f} | {t_o/t_b:.2f} | {st.unique/2**20:.2f} MiB | {4*d_out*d_in/2**20:.2f} MiB |')
+
+if __name__ == '__main__':
+    main()
+    train_step()
