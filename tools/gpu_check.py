@@ -64,11 +64,12 @@ def prepare():
     tmp = ROOT/'build'/'gpu-check-bnb'
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    base = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:', '--python-version', '3.12',
-            '--implementation', 'cp'] + [a for p in PLATFORMS for a in ('--platform', p)]
+    base = [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:',
+            '--python-version', '3.12', '--implementation', 'cp'] + [a for p in PLATFORMS for a in ('--platform', p)]
     subprocess.run(base + ['-d', str(WHL)] + pins, check=True)
     subprocess.run(base + ['-d', str(tmp), f"{BNB}=={_version(BNB)}"], check=True)
-    for w in tmp.glob('*.whl'): _trim_wheel(w, WHL/w.name, BNB_KEEP)   # the full wheel (43 MB) holds 13 CUDA/ROCm builds
+    for w in tmp.glob('*.whl'):
+        _trim_wheel(w, WHL/w.name, BNB_KEEP)   # the full wheel (43 MB) holds 13 CUDA/ROCm builds
     shutil.rmtree(tmp)
     from ftcourse.core import _gguf_cache_path, load_model
     src = _gguf_cache_path()
@@ -117,13 +118,15 @@ def _run_notebook(src:str, dst:str, result:str, progress:str):
         done = [0]
         def post(cell):
             done[0] += 1
-            pf.write(f"cell {done[0]}/{len(todo)} (index {cell.idx_}) done in {cell.metadata['execution']['total']:.1f} s, "
+            secs = cell.metadata['execution']['total']
+            pf.write(f"cell {done[0]}/{len(todo)} (index {cell.idx_}) done in {secs:.1f} s, "
                      f"at {time.time()-t0:.0f} s: {cell.source.splitlines()[0][:80] if cell.source else ''}\n")
         k = CaptureShell(src, profile=bool(cfg.exec_profile))
         timeout = int(cfg.cell_timeout) or None
         # execnb's run_all, except that, on random weights, a failed `assert` (about answer quality, say) is recorded
         # and the run goes on, so that the later cells' time and memory are measured too; any other error stops it
-        keep_going = os.environ.get('GPU_CHECK_STOP_ON_ASSERT') != '1' and os.environ.get('FTCOURSE_RANDOM_WEIGHTS') == '1'
+        keep_going = (os.environ.get('GPU_CHECK_STOP_ON_ASSERT') != '1'
+                      and os.environ.get('FTCOURSE_RANDOM_WEIGHTS') == '1')
         out['asserts'] = []
         with working_directory(src.parent):
             before = asyncio.all_tasks(k.loop)
@@ -160,7 +163,8 @@ class GPUMemory(threading.Thread):
     def run(self):
         while self.ok and not self.stop:
             try:
-                r = subprocess.run(['nvidia-smi', '--query-compute-apps=pid,used_memory', '--format=csv,noheader,nounits'],
+                query = ['nvidia-smi', '--query-compute-apps=pid,used_memory', '--format=csv,noheader,nounits']
+                r = subprocess.run(query,
                                    capture_output=True, text=True, timeout=10)
                 used = {}
                 for line in r.stdout.strip().splitlines():
@@ -191,12 +195,15 @@ class Report:
         with open(self.out/'bench.md', 'a') as f:
             f.write(f"## {title}\n\n`{cmd}`: {status} in {secs:.0f} s\n\n```\n{text.rstrip()}\n```\n\n")
     def table(self) -> str:
-        lines = self.header + ['', '| chapter | status | run time s | peak CUDA memory MiB | peak GPU memory MiB | note |',
-                                   '|---|---|---:|---:|---:|---|']
+        lines = self.header + ['',
+                               '| chapter | status | run time s | peak CUDA memory MiB | peak GPU memory MiB | note |',
+                               '|---|---|---:|---:|---:|---|']
         for nb, r in sorted(self.rows.items()):   # chapters in reading order, whatever order they ran in
             f = lambda v: '-' if v is None else f"{v:.0f}"
-            lines.append(f"| {nb} | {r['status']} | {f(r.get('secs'))} | {f(r.get('peak'))} | {f(r.get('smi'))} | {r.get('note', '')} |")
-        lines += ['', 'peak CUDA memory: torch.cuda.max_memory_allocated() in the notebook\'s process (not its subprocesses); '
+            cols = [nb, r['status'], f(r.get('secs')), f(r.get('peak')), f(r.get('smi')), r.get('note', '')]
+            lines.append('| ' + ' | '.join(cols) + ' |')
+        lines += ['', 'peak CUDA memory: torch.cuda.max_memory_allocated() in the notebook\'s process '
+                  '(not its subprocesses); '
                   'peak GPU memory: nvidia-smi, polled each second, summed over the notebook\'s process group (CUDA '
                   'contexts and subprocesses included; "-" where nvidia-smi gave nothing).']
         return '\n'.join(lines) + '\n'
@@ -244,9 +251,11 @@ def run_notebooks(nbs:list[Path], jobs:int, deadline:float, work:Path, report:Re
                 report.failure(nb.stem, f"{status} after {time.time()-t0:.0f} s; progress:\n{prog}")
             else:
                 asserts = res.get('asserts') or []
-                status = ('ok' if res['ok'] else 'FAILED') + (f" ({len(asserts)} assert(s) failed, went on)" if asserts else '')
+                status = 'ok' if res['ok'] else 'FAILED'
+                if asserts: status += f" ({len(asserts)} assert(s) failed, went on)"
                 report.row(nb.stem, status=status, secs=res['secs'], peak=res['peak_mib'], smi=smi, note=note)
-                for i, text in enumerate(asserts): report.failure(f"{nb.stem}: failed assert {i+1} (the run went on)", text, 15)
+                for i, text in enumerate(asserts):
+                    report.failure(f"{nb.stem}: failed assert {i+1} (the run went on)", text, 15)
                 if not res['ok']: report.failure(nb.stem, res['err'])
             log(f"{nb.name}: {report.rows[nb.stem]['status']} in {time.time()-t0:.0f} s")
         time.sleep(1)
@@ -277,9 +286,9 @@ def run_cmd(report:Report, title:str, cmd:list[str], timeout:float, env:dict|Non
     print(text, flush=True)
 
 def seed_hub_cache(hub:Path) -> list[str]:
-    """The SmolLM2 models of `SMOLLM2_CONFIGS` as a local hub cache at `hub` (bf16, as on the hub), with the weights that
-    FTCOURSE_RANDOM_WEIGHTS gives: cells that call `from_pretrained(name)` themselves (chapter 4's 4-bit load through
-    bitsandbytes) then find them offline instead of failing."""
+    """The SmolLM2 models of `SMOLLM2_CONFIGS` as a local hub cache at `hub` (bf16, as on the hub), with the weights
+    that FTCOURSE_RANDOM_WEIGHTS gives: cells that call `from_pretrained(name)` themselves (chapter 4's 4-bit load
+    through bitsandbytes) then find them offline instead of failing."""
     import torch
     from ftcourse.core import SMOLLM2_CONFIGS, random_model
     done, threads = [], torch.get_num_threads()
@@ -326,17 +335,23 @@ def run(a):
     os.environ.setdefault('OMP_NUM_THREADS', str(threads))
     os.environ.setdefault('MKL_NUM_THREADS', str(threads))
     threads = os.environ['OMP_NUM_THREADS']
-    if not (TOKENIZER_DIR/'tokenizer.json').exists(): sys.exit("gpu-check: .gpu/tokenizer/ is missing: run `bash tools/gpu-check --prepare` here first")
+    if not (TOKENIZER_DIR/'tokenizer.json').exists():
+        print("gpu-check: .gpu/tokenizer/ is missing: run `bash tools/gpu-check --prepare` first", file=sys.stderr)
+        sys.exit(2)
     import torch
     if not torch.cuda.is_available() and not a.dry_run:
-        print("gpu-check: no CUDA device here; use --dry-run to exercise the script on the CPU", file=sys.stderr); sys.exit(2)
+        print("gpu-check: no CUDA device here; use --dry-run to exercise the script on the CPU", file=sys.stderr)
+        sys.exit(2)
     nbs = notebooks(a.only or (['00a_data'] if a.dry_run else None))
-    head = ['# tools/gpu-check: every notebook in its GPU profile (`nbdev-test --flags gpu` semantics)', ''] + environment() + [
-        '', f"**Random weights, SmolLM2-shaped** (FTCOURSE_RANDOM_WEIGHTS=1: the packaged GGUF does not travel): run times "
+    head = ['# tools/gpu-check: every notebook in its GPU profile (`nbdev-test --flags gpu` semantics)', '']
+    head += environment() + [
+        '', f"**Random weights, SmolLM2-shaped** (FTCOURSE_RANDOM_WEIGHTS=1: the packaged GGUF does not travel): "
+        f"run times "
         f"and memory hold for the real models; anything a notebook asserts about answer quality does not, so a failed "
         f"`assert` is recorded in failures.md and the notebook goes on. Up to {a.jobs} notebooks ran at once "
         f"({threads} CPU threads each) and shared the GPU, so each time is an upper bound.",
-        f"Started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; notebook budget until +{a.nb_budget:.0f} s, whole run {a.budget:.0f} s."]
+        f"Started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; notebook budget until +{a.nb_budget:.0f} s, "
+        f"whole run {a.budget:.0f} s."]
     report = Report(out, head)
     log('\n'.join(head))
     log('a local hub cache with the random SmolLM2 models: ' + ', '.join(seed_hub_cache(work/'hub')))
@@ -345,16 +360,20 @@ def run(a):
     if not a.no_bench:
         py = sys.executable
         left = lambda cap: min(cap, end - time.time() - 15)
-        run_cmd(report, 'NF4 on CUDA: ours vs bitsandbytes', [py, __file__, 'bench-nf4'] + (['--cpu'] if a.dry_run else []), left(60))
+        cpu = ['--cpu'] if a.dry_run else []
+        run_cmd(report, 'NF4 on CUDA: ours vs bitsandbytes', [py, __file__, 'bench-nf4'] + cpu, left(60))
         if not a.dry_run:
-            run_cmd(report, 'LoRA vs peft (bench/lora.py)', [py, 'bench/lora.py', '--device', 'cuda', '--reps', '5'], left(60))
-        run_cmd(report, 'bf16 vs fp32 steps (ftcourse.train, full fine-tune)', [py, __file__, 'bench-bf16'] +
-                (['--cpu'] if a.dry_run else []), left(90))
+            lora = [py, 'bench/lora.py', '--device', 'cuda', '--reps', '5']
+            run_cmd(report, 'LoRA vs peft (bench/lora.py)', lora, left(60))
+        bf16 = [py, __file__, 'bench-bf16'] + cpu
+        run_cmd(report, 'bf16 vs fp32 steps (ftcourse.train, full fine-tune)', bf16, left(90))
         fsdp = ROOT/'tests'/'fsdp_check.py'
         if fsdp.exists() and not a.dry_run:
-            run_cmd(report, 'FSDP check (torchrun, 1 process)', [py, '-m', 'torch.distributed.run', '--nproc_per_node', '1',
-                                                                 str(fsdp)], left(60))
-        else: report.bench('FSDP check', 'tests/fsdp_check.py', 0, 'SKIPPED (' + ('dry run' if fsdp.exists() else 'absent') + ')', '')
+            torchrun = [py, '-m', 'torch.distributed.run', '--nproc_per_node', '1', str(fsdp)]
+            run_cmd(report, 'FSDP check (torchrun, 1 process)', torchrun, left(60))
+        else:
+            why = 'dry run' if fsdp.exists() else 'absent'
+            report.bench('FSDP check', 'tests/fsdp_check.py', 0, f'SKIPPED ({why})', '')
         if not a.dry_run:
             run_cmd(report, 'DPO/ORPO vs trl (bench/dpo_orpo.py)', [py, 'bench/dpo_orpo.py', '--steps', '4'], left(90))
     print('\n' + report.table(), flush=True)
@@ -382,7 +401,8 @@ def bench_nf4(cpu:bool):
     sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
     n = 1024 if cpu else 8192
     print(f"bitsandbytes {bnb.__version__}, torch {torch.__version__}, device {dev}")
-    print('| tensor | double quant | codes equal | dequantized max abs diff | quantize ours ms | bnb ms | dequantize ours ms | bnb ms |')
+    print('| tensor | double quant | codes equal | dequantized max abs diff | quantize ours ms | bnb ms '
+          '| dequantize ours ms | bnb ms |')
     print('|---|---|---|---|---:|---:|---:|---:|')
     g = torch.Generator(device=dev).manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
@@ -396,28 +416,33 @@ def bench_nf4(cpu:bool):
             tq_b = _timed(lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type='nf4', compress_statistics=dq), sync)
             td_o = _timed(lambda: dequantize_nf4(p, st), sync)
             td_b = _timed(lambda: bnbF.dequantize_4bit(q, s), sync)
-            print(f"| {n}x{n} {str(dt).split('.')[1]} | {dq} | {eq:.6f} | {diff:.2e} | {1e3*tq_o:.2f} | {1e3*tq_b:.2f} | "
+            print(f"| {n}x{n} {str(dt).split('.')[1]} | {dq} | {eq:.6f} | {diff:.2e} | {1e3*tq_o:.2f} | "
+                  f"{1e3*tq_b:.2f} | "
                   f"{1e3*td_o:.2f} | {1e3*td_b:.2f} |", flush=True)
     # a 4-bit linear layer's forward and backward on a batch of activations: ours (NF4Linear) vs bnb.nn.Linear4bit
     torch.manual_seed(0)
     lin = torch.nn.Linear(n // 2, n // 2, bias=False, device=dev)
     x = torch.randn(16 if cpu else 8192, n // 2, device=dev, dtype=torch.bfloat16, requires_grad=True)
     ours = NF4Linear.from_linear(lin, compress_statistics=True, compute_dtype=torch.bfloat16)
-    theirs = bnb.nn.Linear4bit(n // 2, n // 2, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type='nf4')
-    theirs.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type='nf4', compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(n // 2, n // 2, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                               quant_type='nf4')
+    theirs.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type='nf4',
+                                      compress_statistics=True)   # quantized by bitsandbytes when moved to the GPU
     theirs = theirs.to(dev)
     ya, yb = ours(x), theirs(x)
     rel = ((ya.float() - yb.float()).norm() / yb.float().norm()).item()
     def step(m):
         x.grad = None
         m(x).sum().backward()
-    print(f"\nNF4 linear {n//2}x{n//2}, {x.shape[0]} tokens bf16, forward+backward: ours {1e3*_timed(lambda: step(ours), sync):.2f} ms, "
-          f"bnb Linear4bit {1e3*_timed(lambda: step(theirs), sync):.2f} ms; outputs' relative difference {rel:.2e}")
+    t_ours, t_bnb = _timed(lambda: step(ours), sync), _timed(lambda: step(theirs), sync)
+    print(f"\nNF4 linear {n//2}x{n//2}, {x.shape[0]} tokens bf16, forward+backward: ours {1e3*t_ours:.2f} ms, "
+          f"bnb Linear4bit {1e3*t_bnb:.2f} ms; outputs' relative difference {rel:.2e}")
 
 def bench_bf16(cpu:bool):
     "Full fine-tune steps of the GPU profile's model (random weights) with ftcourse.train: fp32 against bf16 autocast."
     import torch
-    os.environ.setdefault('FTCOURSE_RANDOM_WEIGHTS', '1'); os.environ.setdefault('FTCOURSE_TOKENIZER_DIR', str(TOKENIZER_DIR))
+    os.environ.setdefault('FTCOURSE_RANDOM_WEIGHTS', '1')
+    os.environ.setdefault('FTCOURSE_TOKENIZER_DIR', str(TOKENIZER_DIR))
     from ftcourse.core import load_model, load_course_dataset, course_settings
     from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn
     from ftcourse.train import TrainConfig, train
@@ -439,7 +464,8 @@ def bench_bf16(cpu:bool):
         if s.device == 'cuda': torch.cuda.synchronize()
         dt = (time.perf_counter() - t) / steps
         peak = torch.cuda.max_memory_allocated() / 2**20 if s.device == 'cuda' else float('nan')
-        print(f"| {'fp32' if mp_ == 'no' else 'bf16 autocast'} | {dt:.3f} | {peak:.0f} | {h[-1]['loss']:.3f} |", flush=True)
+        label = 'fp32' if mp_ == 'no' else 'bf16 autocast'
+        print(f"| {label} | {dt:.3f} | {peak:.0f} | {h[-1]['loss']:.3f} |", flush=True)
         del model
 
 def main(argv=None):
@@ -447,9 +473,11 @@ def main(argv=None):
     sub = ap.add_subparsers(dest='cmd', required=True)
     sub.add_parser('prepare'); sub.add_parser('sizes')
     r = sub.add_parser('run')
-    r.add_argument('--dry-run', action='store_true', help='on the CPU: one small notebook (00a_data) and the CPU-safe bench rows')
+    r.add_argument('--dry-run', action='store_true',
+                   help='on the CPU: one small notebook (00a_data; or --only) and the CPU-safe bench rows, one job')
     r.add_argument('--only', nargs='*', help='these notebooks only (names or stems)')
-    r.add_argument('--jobs', type=int, default=int(os.environ.get('GPU_CHECK_JOBS', 6)), help='notebooks at once')
+    r.add_argument('--jobs', type=int, default=None,
+                   help='notebooks at once (default: $GPU_CHECK_JOBS or 6; dry run: 1)')
     r.add_argument('--budget', type=float, default=float(os.environ.get('GPU_CHECK_BUDGET', 520)),
                    help='seconds for the whole run, counted from GPU_CHECK_T0 (the wrapper sets it before the install)')
     r.add_argument('--nb-budget', type=float, default=float(os.environ.get('GPU_CHECK_NB_BUDGET', 360)),
@@ -459,7 +487,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == 'prepare': prepare()
     elif a.cmd == 'sizes': sys.exit(check_sizes())
-    elif a.cmd == 'run': run(a)
+    elif a.cmd == 'run':
+        a.jobs = a.jobs or (1 if a.dry_run else int(os.environ.get('GPU_CHECK_JOBS', 6)))
+        run(a)
     elif a.cmd == 'bench-nf4': bench_nf4(a.cpu)
     elif a.cmd == 'bench-bf16': bench_bf16(a.cpu)
 
