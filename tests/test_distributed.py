@@ -23,7 +23,7 @@ def launched(tmp_path_factory):
     work = tmp_path_factory.mktemp('dist')
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     env.pop('CUDA_VISIBLE_DEVICES', None)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -107,3 +107,11 @@ def test_bad_config_is_a_clear_error(data):
     for p in m.parameters(): p.requires_grad_(False)
     with pytest.raises(ValueError, match='nothing to train'):
         train(m, sft_loss_fn, exs, TrainConfig(steps=1, progress=False), collate_fn=coll)
+
+def test_strategy_errors_are_clear(data):
+    exs, coll = data
+    m, _ = tiny_model()
+    with pytest.raises(ValueError, match="strategy='zero3': use 'ddp' or 'fsdp'"):
+        train(m, sft_loss_fn, exs, TrainConfig(steps=1, strategy='zero3', progress=False), collate_fn=coll)
+    with pytest.raises(ValueError, match="strategy='fsdp' shards the model across processes: start them with torchrun"):
+        train(m, sft_loss_fn, exs, TrainConfig(steps=1, strategy='fsdp', progress=False), collate_fn=coll)
