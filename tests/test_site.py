@@ -91,7 +91,8 @@ def _norm(t:str) -> str: return '\n'.join(l.rstrip() for l in _ANSI.sub('', t).s
 def _printed(nb_name):
     "What the cells of the processed notebook printed (stream outputs, one string each), except cells Quarto leaves out."
     nb = json.loads((ROOT/'_proc'/nb_name).read_text())
-    def hidden(c): return re.search(r'^#\|\s*(include|output):\s*false', ''.join(c.get('source', '')), re.M)
+    def hidden(c):   # left out by Quarto, or shown as markdown (`output: asis`: show_doc)
+        return re.search(r'^#\|\s*((include|output):\s*false|output:\s*asis)', ''.join(c.get('source', '')), re.M)
     shown = [c for c in nb['cells'] if c['cell_type'] == 'code' and not hidden(c)]
     texts = [o.get('text', '') for c in shown for o in c.get('outputs', []) if o.get('output_type') == 'stream']
     texts = [''.join(t) if isinstance(t, list) else t for t in texts]
