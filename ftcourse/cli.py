@@ -18,7 +18,7 @@ from .tour import tour
 
 # %% auto #0
 __all__ = ['DTYPES', 'USER_ERRORS', 'STRATEGIES', 'model_config', 'params_table', 'memory_table', 'chat_reply', 'cmd_chat',
-           'cmd_data', 'cmd_train', 'cmd_tour', 'cmd_export', 'cmd_params', 'cmd_memory', 'Parser', 'build_parser',
+           'cmd_train', 'cmd_tour', 'cmd_export', 'cmd_data', 'cmd_params', 'cmd_memory', 'Parser', 'build_parser',
            'error_line', 'main', 'per_gpu_memory']
 
 # %% ../nbs/10_capstone.ipynb #a1421da0
@@ -72,9 +72,9 @@ def chat_reply(model, tok, messages:list[dict], # the conversation so far, as ch
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
-# %% ../nbs/10_capstone.ipynb #4db536ed
+# %% ../nbs/10_capstone.ipynb #d788b674
 def _load_peft_adapter(model, folder):
-    "`ftcourse.export.load_peft_adapter`: a run that starts from a peft adapter folder (`--base-run`) loads it with this."
+    "`ftcourse.export.load_peft_adapter`, for a run that starts from a peft adapter folder (`--base-run`)."
     from ftcourse.export import load_peft_adapter
     return load_peft_adapter(model, folder)
 
@@ -102,17 +102,7 @@ def cmd_chat(args):
         msgs.append(dict(role='assistant', content=reply))
     return 0
 
-def cmd_data(args):
-    from ftcourse.data import build_course_datasets, DATA_DIR
-    import hashlib, tempfile
-    if args.out:
-        for name, h in build_course_datasets(args.out, seed=args.seed).items(): print(f"{h}  {Path(args.out)/name}")
-        return 0
-    with tempfile.TemporaryDirectory() as d: fresh = build_course_datasets(d, seed=args.seed)
-    bad = [n for n, h in fresh.items() if hashlib.sha256((DATA_DIR/n).read_bytes()).hexdigest() != h]
-    for n in fresh: print(f"{'DIFFERS' if n in bad else 'ok':8} {DATA_DIR/n}")
-    return 1 if bad else 0
-
+# %% ../nbs/10_capstone.ipynb #58e82812
 def cmd_train(args):
     if args.config and (m := read_yaml(args.config).get('method', args.command)) != args.command:
         raise ConfigError(f"{args.config} describes a {m} run; run it with `ftcourse {m}`")
@@ -133,6 +123,18 @@ def cmd_export(args):
     except ValueError as e: raise ConfigError(str(e)) from e     # export's errors for bad input
     print(f"wrote the {args.format} export of {args.run} to {path}")
     return 0
+
+# %% ../nbs/10_capstone.ipynb #e71c8ad1
+def cmd_data(args):
+    from ftcourse.data import build_course_datasets, DATA_DIR
+    import hashlib, tempfile
+    if args.out:
+        for name, h in build_course_datasets(args.out, seed=args.seed).items(): print(f"{h}  {Path(args.out)/name}")
+        return 0
+    with tempfile.TemporaryDirectory() as d: fresh = build_course_datasets(d, seed=args.seed)
+    bad = [n for n, h in fresh.items() if hashlib.sha256((DATA_DIR/n).read_bytes()).hexdigest() != h]
+    for n in fresh: print(f"{'DIFFERS' if n in bad else 'ok':8} {DATA_DIR/n}")
+    return 1 if bad else 0
 
 def cmd_params(args):
     p = params_table(args.model, args.lora_r, args.targets)
@@ -161,18 +163,23 @@ def _add_run_flags(p):
     for f in fields(RunConfig):
         if f.name == 'method': continue
         flag = '--' + f.name.replace('_', '-')
-        if types[f.name] is bool: p.add_argument(flag, action='store_const', const=True, default=None, help=f.metadata['help'])
-        else: p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {f.default})")
+        if types[f.name] is bool:
+            p.add_argument(flag, action='store_const', const=True, default=None, help=f.metadata['help'])
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                           help=f"{f.metadata['help']} (default: {f.default})")
 
 # %% ../nbs/10_capstone.ipynb #3177cdc4
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog='ftcourse', description="Fine-tuning LLMs from scratch: the course's command line.")
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--debug', action='store_true', help="on an error, show the traceback as well as the one-line message")
+    common.add_argument('--debug', action='store_true', help="on an error, show the traceback too")
     add = lambda name, help: sub.add_parser(name, help=help, parents=[common])
-    helps = dict(sft='supervised fine-tuning on chat rows (chapter 2)', reward='train a reward model on preference pairs (chapter 6)',
-                 ppo='RLHF with PPO against a reward model or the judge (chapter 7)', dpo='direct preference optimisation (chapter 8)',
+    helps = dict(sft='supervised fine-tuning on chat rows (chapter 2)',
+                 reward='train a reward model on preference pairs (chapter 6)',
+                 ppo='RLHF with PPO against a reward model or the judge (chapter 7)',
+                 dpo='direct preference optimisation (chapter 8)',
                  orpo='odds-ratio preference optimisation, no reference model (chapter 9)')
     for m in METHODS:
         s = add(m, helps[m])
@@ -180,13 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_train)
     t = add('tour', 'the whole pipeline (SFT, reward, PPO, DPO, ORPO) on the packaged model and data, with a report')
     t.add_argument('--out', default='runs/tour', help='the report folder (default: %(default)s)')
-    t.add_argument('--model', default=DEFAULT_MODEL, help='base model (default: %(default)s, packaged: no hub access needed)')
-    t.add_argument('--quick', action='store_true', help='two steps per method on 8 held-out rows: checks the plumbing in a minute')
+    t.add_argument('--model', default=DEFAULT_MODEL,
+                   help='base model (default: %(default)s, packaged: no hub access needed)')
+    t.add_argument('--quick', action='store_true', help='two steps per method on 8 held-out rows: checks the plumbing')
     t.add_argument('--overwrite', action='store_true', help='replace a tour already in --out')
     t.add_argument('--seed', type=int, default=0)
     t.set_defaults(func=cmd_tour)
     c = add('chat', 'talk to a model or a finished run (default: the packaged SmolLM2-135M-Instruct, offline)')
-    c.add_argument('--model', default=DEFAULT_MODEL, help='hub id or local model folder, e.g. a merged export (default: %(default)s)')
+    c.add_argument('--model', default=DEFAULT_MODEL,
+                   help='hub id or local model folder, e.g. a merged export (default: %(default)s)')
     c.add_argument('--run', help="a finished run's folder: chat with its trained model")
     c.add_argument('--prompt', help='answer this one message and exit (default: read messages from stdin)')
     c.add_argument('--system', help='a system message')
@@ -198,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = add('export', "a finished run as a peft adapter, a merged transformers model, or a GGUF file for llama.cpp")
     e.add_argument('--run', required=True, help="the run's folder")
     e.add_argument('--format', required=True, choices=('peft', 'merged', 'gguf'))
-    e.add_argument('--gguf-type', default='f16', choices=('f32', 'f16', 'q8_0'), help='GGUF tensor type (default: %(default)s)')
+    e.add_argument('--gguf-type', default='f16', choices=('f32', 'f16', 'q8_0'),
+                   help='GGUF tensor type (default: %(default)s)')
     e.add_argument('--out', required=True, help='the folder (peft, merged) or .gguf file to write')
     e.add_argument('--overwrite', action='store_true', help='replace an existing --out')
     e.set_defaults(func=cmd_export)
     pr = add('params', 'LoRA trainable parameters for a model config and targets (no weights loaded)')
-    pr.add_argument('--model', default=DEFAULT_MODEL, help='a known config (SmolLM2-135M, Llama-2-7B, Mistral-7B-v0.1, Llama-3-8B), a hub id or a local folder')
+    pr.add_argument('--model', default=DEFAULT_MODEL,
+                    help='a known config (SmolLM2-135M, Llama-2-7B, Mistral-7B-v0.1, Llama-3-8B), a hub id or a local folder')
     pr.add_argument('--lora-r', type=int, default=8)
     pr.add_argument('--targets', default='all-linear', help="'all-linear' or names, e.g. q_proj,v_proj")
     pr.set_defaults(func=cmd_params)

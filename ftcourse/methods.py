@@ -25,7 +25,8 @@ def _read_rows(name:str, split:str, kind:str):
     if name in COURSE_SETS: return load_course_dataset(name, split)
     if str(name).endswith(('.jsonl', '.json')):
         p = Path(name)
-        if not p.is_file(): raise ConfigError(f"dataset file {name!r}: {'is a folder' if p.is_dir() else 'no such file'}")
+        if not p.is_file():
+            raise ConfigError(f"dataset file {name!r}: {'is a folder' if p.is_dir() else 'no such file'}")
         try: return load_course_dataset(name, split, kind=kind)
         except PermissionError: raise ConfigError(f"dataset file {name!r}: not readable (permission denied)") from None
         except UnicodeDecodeError: raise ConfigError(f"dataset file {name!r}: not UTF-8 text") from None
@@ -72,13 +73,15 @@ def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, ma
 
 # %% ../nbs/10b_methods.ipynb #88f468a9
 def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
-    "The rows whose prompt, plus `ppo_max_new_tokens` new tokens, fits in `sequence_len` (the count of dropped ones is printed)."
+    "The rows whose prompt plus `ppo_max_new_tokens` new tokens fits in `sequence_len`; prints how many were dropped."
     from ftcourse.sft import chat_ids, prompt_messages
     room = cfg.sequence_len - cfg.ppo_max_new_tokens
     kept = [r for r in rows if len(chat_ids(tok, prompt_messages(r), add_generation_prompt=True)) <= room]
     print(f"{len(kept)} prompts kept, {len(rows) - len(kept)} dropped (prompt + {cfg.ppo_max_new_tokens} new tokens "
           f"longer than sequence_len={cfg.sequence_len})")
-    if not kept: raise ConfigError(f"no prompt fits in sequence_len={cfg.sequence_len} with {cfg.ppo_max_new_tokens} new tokens: raise sequence_len")
+    if not kept:
+        raise ConfigError(f"no prompt fits in sequence_len={cfg.sequence_len} with {cfg.ppo_max_new_tokens} new tokens: "
+                          "raise sequence_len")
     return kept
 
 def _fit_sft(cfg, model, tok, train_rows, eval_rows, tcfg):
@@ -107,12 +110,14 @@ def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
                      max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
     return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
 
-# each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`; a new method adds one entry
+# each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`;
+# a new method adds one entry
 TRAINERS = dict(sft=_fit_sft, reward=_fit_reward, ppo=_fit_ppo, dpo=_fit_dpo, orpo=_fit_orpo)
 
 def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:
     "Train `model` by `cfg.method` with its chapter's `train_<method>`; returns (the trained module, its history)."
-    if cfg.method not in TRAINERS: raise ConfigError(f"method {cfg.method!r} is not available in this version of ftcourse")
+    if cfg.method not in TRAINERS:
+        raise ConfigError(f"method {cfg.method!r} is not available in this version of ftcourse")
     return TRAINERS[cfg.method](cfg, model, tok, train_rows, eval_rows, tcfg)
 
 # %% ../nbs/10b_methods.ipynb #18ab609b

@@ -154,7 +154,8 @@ def read_yaml(path:str|Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({e})".replace('\n', ' ')) from None
     if data is None: return {}
-    if not isinstance(data, dict): raise ConfigError(f"{path}: must be a mapping of option: value, got {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of option: value, got {type(data).__name__}")
     return data
 
 def load_config(path:str|Path|None=None, # a YAML file holding a run's options (any subset)
@@ -172,7 +173,7 @@ def load_config(path:str|Path|None=None, # a YAML file holding a run's options (
     vals = {k: _coerce(k, v, where) for k, v in data.items()}
     vals.update({k: _coerce(k, v, 'command line') for k, v in (overrides or {}).items() if v is not None})
     for name, (value, _) in FIXED.get(vals.get('method', 'sft'), {}).items():
-        vals.setdefault(name, value)      # an option the method cannot change, not given: the value the method runs with
+        vals.setdefault(name, value)      # not given: the value the method runs with
     return validate_config(RunConfig(**vals))
 
 def config_yaml(cfg:RunConfig) -> str:
@@ -249,7 +250,7 @@ def base_model(name:str, device='cpu'):
 def _lora_targets(cfg): return 'all-linear' if cfg.lora_target_modules == 'all-linear' else [t.strip() for t in cfg.lora_target_modules.split(',') if t.strip()]
 
 def merge_adapters(model:nn.Module) -> nn.Module:
-    "Replace every adapter layer (LoRA, DoRA, QLoRA's over a 4-bit base) by a plain `nn.Linear` holding its merged weight."
+    "Replace every adapter layer (LoRA, DoRA, QLoRA over a 4-bit base) by a plain `nn.Linear` with its merged weight."
     from ftcourse.lora import lora_layers, merge_lora
     return merge_lora(model, unload=True) if lora_layers(model) else model     # a full fine-tune has nothing to merge
 
@@ -293,18 +294,20 @@ def load_trainable(model:nn.Module, path:str|Path, prefix:str='') -> nn.Module:
 def _load_run_weights(model:nn.Module, run_dir:str|Path) -> nn.Module:
     "`load_trainable` of a run folder's weights, with a missing or mismatched file as a `ConfigError`."
     path = Path(run_dir)/'trainable.safetensors'
-    if not path.is_file(): raise ConfigError(f"{run_dir}: no trainable.safetensors (the run did not finish): run it again")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no trainable.safetensors (the run did not finish): run it again")
     try: return load_trainable(model, path)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{e.args[0]}: the weights do not fit the model that config.yaml describes") from None
 
 # %% ../nbs/10a_runs.ipynb #85d0a53a
 def build_model(cfg:RunConfig, device='cpu', adapter:bool=True,
-                peft_loader=None, # `load_peft_adapter(model, folder) -> model`, for a `base_run` that is a peft adapter folder
+                peft_loader=None, # `load_peft_adapter(model, folder) -> model`: for a peft adapter folder as `base_run`
                ):
     "Base model, then `base_run` merged in, then (if `adapter`) the trainable adapter of `cfg`; returns (model, tok)."
     if cfg.base_run and is_peft_folder(cfg.base_run) and not is_run_folder(cfg.base_run):
-        if peft_loader is None: raise ConfigError(f"base_run={cfg.base_run!r} is a peft adapter folder: load it with ftcourse.export")
+        if peft_loader is None:
+            raise ConfigError(f"base_run={cfg.base_run!r} is a peft adapter folder: pass ftcourse.export's load_peft_adapter")
         model, tok = base_model(cfg.model, device)
         model = merge_adapters(peft_loader(model, cfg.base_run))
     elif cfg.base_run:
