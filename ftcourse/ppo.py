@@ -161,7 +161,8 @@ def forward_policy(model, value_head:ValueHead|None, # the causal LM (and the cr
     hook = model.get_output_embeddings().register_forward_hook(keep_input) if value_head is not None else None
     try:
         # logits at the last R + 1 positions only: the last prompt token and the R response tokens
-        fwd = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=R + 1, use_cache=False)
+        fwd = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=R + 1,
+                    use_cache=False)
     finally:
         if hook is not None: hook.remove()
     # the last position predicts past the response: drop it, and the rest predict the response tokens one by one

@@ -103,7 +103,7 @@ class PreferenceReport:
                 f"{len(self.response_too_long)} with a response longer than max_len)")
 
 def preference_messages(row:dict) -> tuple[list[dict], list[dict], list[dict]]:
-    "A preference row's prompt, chosen and rejected as messages: a text prompt is a user turn, a text answer an assistant turn."
+    "A preference row as three message lists: a text prompt becomes a user turn, a text answer an assistant turn."
     turn = lambda v, role: [dict(role=role, content=v)] if isinstance(v, str) else list(v)
     return turn(row['prompt'], 'user'), turn(row['chosen'], 'assistant'), turn(row['rejected'], 'assistant')
 

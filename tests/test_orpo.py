@@ -30,11 +30,13 @@ def test_log1mexp_and_orpo_gradient_finite_near_zero(x):
     xd = x if x < 0 else -tiny32                                        # at 0 the value is taken at -tiny
     xt = torch.tensor([x], requires_grad=True)
     v = log1mexp(xt); v.backward()
-    torch.testing.assert_close(v.detach().double(), torch.tensor([math.log(-math.expm1(xd))], dtype=torch.float64), rtol=1e-6, atol=0)
+    f64 = lambda z: torch.tensor([z], dtype=torch.float64)
+    torch.testing.assert_close(v.detach().double(), f64(math.log(-math.expm1(xd))), rtol=1e-6, atol=0)
     # d/dx log(1 - e^x) = e^x / expm1(x), in float64 (at 0: its value at -tiny, the one-sided limit to float precision)
-    torch.testing.assert_close(xt.grad.double(), torch.tensor([math.exp(xd) / math.expm1(xd)], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(xt.grad.double(), f64(math.exp(xd) / math.expm1(xd)), rtol=1e-5, atol=0)
     # orpo_loss with the chosen answer at x and the rejected at -1, λ = 0.1; its gradient in float64 by hand:
-    # dL/dc = -λ σ(-log OR) d(log odds)/dc, with d(log odds)/dc = 1 - e^c / expm1(c); at 0 its limit is -λ·odds(rejected)
+    # dL/dc = -λ σ(-log OR) d(log odds)/dc, with d(log odds)/dc = 1 - e^c / expm1(c);
+    # at 0 its limit is -λ·odds(rejected)
     lam, r = 0.1, -1.0
     c = torch.tensor([x], requires_grad=True)
     loss, _ = orpo_loss(c, torch.tensor([r]), torch.tensor(0.0), lam=lam)
@@ -125,20 +127,21 @@ def _accumulated(m, tok, loss_fn, examples, micro):
     return loss.item(), _grads(m, loss)
 
 def test_accumulation_gives_the_full_batch_loss(rows):
-    "4 pairs: one batch against 4 micro-batches of 1. The paper's loss (a mean over pairs) is exact; trl's token-mean NLL is not."
+    "4 pairs, one batch against 4 micro-batches of 1: the paper's loss (a mean over pairs) is exact, trl's token-mean NLL not."
     m, tok = tiny_model(seed=1)
     exs = preference_dataset(rows.select(range(4)), tok, 128, verbose=False)[0]
     lf = orpo_loss_fn(0.1)
     full, g_full = _accumulated(m, tok, lf, exs, 4)
     micro, g_micro = _accumulated(m, tok, lf, exs, 1)
     assert abs(full - micro) < 1e-6 * full
-    for n in g_full: torch.testing.assert_close(g_micro[n], g_full[n], rtol=1e-4, atol=1e-5 * g_full[n].abs().max().item())
+    for n in g_full:
+        torch.testing.assert_close(g_micro[n], g_full[n], rtol=1e-4, atol=1e-5 * g_full[n].abs().max().item())
     # the same through the loop itself: the logged loss and the gradient norm do not depend on micro_batch_size
     hs = []
     for mb in (None, 1):
         m, tok = tiny_model(seed=1)
-        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-3, warmup_steps=0, eval_every=0, progress=False,
-                          shuffle=False)
+        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-3, warmup_steps=0, eval_every=0,
+                          progress=False, shuffle=False)
         hs.append(train(m, lf, exs, cfg, collate_fn=collate_dpo(tok))[-1])
     assert abs(hs[0]['loss'] - full) < 1e-5 * full and abs(hs[1]['loss'] - full) < 1e-5 * full
     assert abs(hs[0]['grad_norm'] - hs[1]['grad_norm']) < 1e-5 * hs[0]['grad_norm']

@@ -130,8 +130,9 @@ def test_adapters_disabled_is_the_base_model():
     for l in lora_layers(model).values(): torch.nn.init.normal_(l.lora_B, std=0.05)
     ids = torch.tensor([tok.encode('some text')])
     with torch.no_grad():
-        # a deep copy holds the weights in other memory, where kernels may round differently: a tolerance, not bit-equality
-        with adapters_disabled(model): torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+        # a deep copy holds the weights in other memory, where kernels may round differently: a tolerance
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
         assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-4)
     with pytest.raises(ValueError): 
         with adapters_disabled(base): pass
@@ -152,14 +153,14 @@ def test_forward_policy_logprobs_equal_full_logits():
     assert (pm[:, -1] == 1).all() and torch.equal(pm.cummax(-1).values, pm) and (pm == 0).any()   # left-padded prompts
 
 def test_forward_policy_applies_the_models_final_transforms():
-    "Gemma-2 caps its final logits (tanh softcapping): PPO's log-probs are those of the model's forward, as generation uses."
+    "Gemma-2 caps its final logits (tanh softcapping): PPO's log-probs are the model's forward's, as generation's are."
     from transformers import Gemma2Config, Gemma2ForCausalLM
     torch.manual_seed(0)
     cfg = Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
                        final_logit_softcapping=2.0, initializer_range=0.5, pad_token_id=0)   # large logits, capped
     model = Gemma2ForCausalLM(cfg).eval(); vh = ValueHead(cfg.hidden_size)
-    torch.nn.init.normal_(vh.v.weight)                               # non-zero values, so the comparison means something
+    torch.nn.init.normal_(vh.v.weight)                               # non-zero values: the comparison means something
     P, R = 5, 4
     ids = torch.randint(1, 96, (3, P + R), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids); mask[0, :2] = 0; mask[1, :1] = 0; ids[mask == 0] = 0        # left-padded prompts
@@ -186,7 +187,7 @@ def run():
 
 def test_train_ppo_kl_zero_ratio_one_then_moves(run):
     model, tok, rows, h = run
-    # KL exactly 0: policy and reference are the same weights on the same batch, and B = 0 makes the adapters add an exact 0
+    # KL exactly 0: the same weights on the same batch for policy and reference, and B = 0 adds an exact 0
     assert len(h) == 3 and h[0]['kl'] == 0.0
     # the first minibatch recomputes the rollout's log-probs on a sub-batch (other matmul shapes): 1 to float rounding
     assert all(abs(r['first_ratio'] - 1.0) < 1e-6 and r['first_approx_kl'] < 1e-12 for r in h)

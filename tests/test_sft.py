@@ -108,12 +108,11 @@ def test_preference_pairs_are_two_sft_examples_and_drop_whole(tiny):
     with pytest.raises(DatasetFormatError, match='row 0'): preference_dataset([dict(prefs[0], chosen=[])], tok, verbose=False)
 
 def test_text_form_preference_rows(tiny, tmp_path):
-    "Rows with a text prompt and text answers (trl's format, which validation accepts) tokenize as one user and one assistant turn."
+    "Text prompt and answers (trl's format, which validation accepts): one user turn and one assistant turn each."
     import json
     m, tok = tiny
     prefs = load_course_dataset('preference', 'train').select(range(3))
-    text = [dict(prompt=r['prompt'][0]['content'], chosen=r['chosen'][0]['content'], rejected=r['rejected'][0]['content'])
-            for r in prefs]
+    text = [{k: r[k][0]['content'] for k in ('prompt', 'chosen', 'rejected')} for r in prefs]
     assert preference_messages(text[0]) == (prefs[0]['prompt'], prefs[0]['chosen'], prefs[0]['rejected'])
     mixed = dict(prefs[1], chosen=text[1]['chosen'])                  # messages and text in one row
     ours, rep = preference_dataset(text + [mixed], tok, verbose=False)
