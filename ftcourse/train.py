@@ -90,13 +90,15 @@ def trainable_state_dict(model) -> dict:
             for n, p in _unwrap(model).named_parameters() if p.requires_grad}
 
 def save_checkpoint(out_dir, step:int, model, optimizer, scheduler, history:list, cfg:TrainConfig) -> Path:
-    "Atomically write checkpoint-`step` under `out_dir` and prune old ones; returns its path. Every process calls it; only the main one writes."
+    "Atomically write checkpoint-`step` under `out_dir`, prune old ones, return its path. Every process calls it."
+    # under FSDP all take part in gathering the shards; only the main process writes
     from safetensors.torch import save_file
     _reshard(model)                        # the parameters the optimizer holds are the shards
     trainable = trainable_state_dict(model)
     if _sharded(model):                    # FSDP: gather the optimizer's state too, keyed by parameter name
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
-        opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opt_state = get_optimizer_state_dict(model, optimizer, options=whole)
     else: opt_state = optimizer.state_dict()
     out_dir = Path(out_dir)
     final, tmp = out_dir/f'checkpoint-{step:06d}', out_dir/f'.tmp-checkpoint-{step:06d}'
@@ -157,7 +159,7 @@ def _cpu_launch() -> bool:
     return _launched() and not torch.cuda.is_available()
 
 def process_state():
-    "This process's place among the launched ones (Accelerate's `PartialState`): `is_main_process`, `process_index`, `num_processes`."
+    "This process among the launched ones (Accelerate's `PartialState`): `is_main_process`, `process_index`, ..."
     from accelerate.state import AcceleratorState, PartialState
     cpu = _cpu_launch()
     if cpu and PartialState._shared_state and PartialState().num_processes == 1:
@@ -177,12 +179,13 @@ def _accelerator(cfg):
         return Accelerator(**kw)
 
 def fsdp_shard(model, device):
-    "Shard `model` over all processes with FSDP2's `fully_shard`: each transformer block is one unit, the rest the root's."
+    "Shard `model` over all processes with FSDP2's `fully_shard`: a unit per transformer block, the rest the root's."
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.device_mesh import init_device_mesh
     model.to(device)
     with torch.no_grad():
-        for t in model.state_dict().values(): torch.distributed.broadcast(t, 0)   # start from rank 0's weights, as DDP does
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, 0)   # every process starts from rank 0's weights, as under DDP
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     blocks = {name for m in model.modules() for name in (getattr(m, '_no_split_modules', None) or [])}
     for m in [m for m in model.modules() if type(m).__name__ in blocks]: fully_shard(m, mesh=mesh)
@@ -225,14 +228,16 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
     if len(train_data) == 0: raise ValueError("train_data is empty")
     fsdp = cfg.strategy == 'fsdp'
     if fsdp and not torch.distributed.is_initialized():
-        raise ValueError("strategy='fsdp' shards the model across processes: start them with torchrun or accelerate launch")
-    if fsdp and acc.mixed_precision == 'fp16': raise ValueError("strategy='fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16'")
+        raise ValueError("strategy='fsdp' shards the model across processes: start them with torchrun")
+    if fsdp and acc.mixed_precision == 'fp16':
+        raise ValueError("strategy='fsdp' takes mixed_precision 'bf16' or 'no', not 'fp16'")
     set_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params: raise ValueError("nothing to train: no parameter has requires_grad=True")
     if fsdp:                               # sharding replaces the parameters: find the chosen ones again by name
         names = {id(p): n for n, p in model.named_parameters()}
-        if any(id(p) not in names for p in params): raise ValueError("strategy='fsdp' trains only parameters of `model`")
+        if any(id(p) not in names for p in params):
+            raise ValueError("strategy='fsdp' trains only parameters of `model`")
         chosen = [names[id(p)] for p in params]
         model = fsdp_shard(model, acc.device)
         params = [dict(model.named_parameters())[n] for n in chosen]
@@ -253,11 +258,13 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
             with open(log, 'a') as f: f.write(json.dumps(row) + '\n')
         if cfg.log_with: acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['step'])
 
-    def run_eval(step):                    # every process evaluates all of eval_data (FSDP needs all of them in each forward)
-        row = dict(step=step)
+    def run_eval(step):                    # every process evaluates all of eval_data (FSDP needs all in each forward)
+        row, net = dict(step=step), _unwrap(model)
         with acc.autocast():
-            if eval_data is not None: row.update(evaluate(_unwrap(model), loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
-            if eval_fn is not None: row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(_unwrap(model)).items()})
+            if eval_data is not None:
+                row.update(evaluate(net, loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
+            if eval_fn is not None:
+                row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(net).items()})
         _reshard(model)
         if len(row) > 1: record(row)
 
@@ -276,8 +283,8 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         if total == 0: raise ValueError(f"step {step + 1}: the batch has no items to learn from (every label is -100)")
         loss_sum, msum = 0.0, {}
         for k, (b, c) in enumerate(zip(batches, counts)):
-            if c == 0 and world == 1: continue   # nothing to learn; several processes must all run every micro-batch (collectives)
-            sync = k == len(batches) - 1        # DDP all-reduces only after the last micro-batch (FSDP reduces after each)
+            if c == 0 and world == 1: continue   # nothing to learn; with several processes, all run every micro-batch
+            sync = k == len(batches) - 1        # DDP all-reduces after the last micro-batch only (FSDP after each)
             with (nullcontext() if sync else acc.no_sync(model)):
                 with acc.autocast(): loss, m = loss_fn(model, _to(b, acc.device))
                 if c and not torch.isfinite(loss):
@@ -288,7 +295,8 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
                 acc.backward(loss * (c * world / total))
             loss_sum += loss.detach().float().item() * c if c else 0.0
             for key, v in m.items():
-                if key not in ('loss', 'n_items') and isinstance(v, (int, float)): msum[key] = msum.get(key, 0.0) + (v * c if c else 0.0)
+                if key not in ('loss', 'n_items') and isinstance(v, (int, float)):
+                    msum[key] = msum.get(key, 0.0) + (v * c if c else 0.0)
         if cfg.max_grad_norm: gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
         else: gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         gn = gn.full_tensor() if hasattr(gn, 'full_tensor') else gn   # FSDP: the norm of all shards' gradients
@@ -297,7 +305,8 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         if world > 1:                      # the loss and metrics of the whole batch: sums over all processes
             keys = sorted(msum)
-            sums = acc.reduce(torch.tensor([loss_sum, *(msum[k] for k in keys)], dtype=torch.float64, device=acc.device), 'sum')
+            local = torch.tensor([loss_sum, *(msum[k] for k in keys)], dtype=torch.float64, device=acc.device)
+            sums = acc.reduce(local, 'sum')
             loss_sum, msum = sums[0].item(), dict(zip(keys, sums[1:].tolist()))
         row = dict(step=step + 1, loss=loss_sum / total, lr=lr, grad_norm=float(gn), items=total, seconds=time.time() - t0,
                    **{k: v / total for k, v in msum.items()})
@@ -305,7 +314,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         last = step + 1 == cfg.steps
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last): run_eval(step + 1)
         if cfg.out_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last):
-            save_checkpoint(cfg.out_dir, step + 1, model, opt, sched, list(hist), cfg)   # all gather, the main one writes
+            save_checkpoint(cfg.out_dir, step + 1, model, opt, sched, list(hist), cfg)   # all gather, main writes
         acc.wait_for_everyone()            # no process runs ahead of a checkpoint being written
     if cfg.log_with: acc.end_training()
     _reshard(model)

@@ -21,11 +21,11 @@ def examples():
 
 def config(strategy, out_dir):
     "The run both the two-process launch and the one-process reference use."
-    return TrainConfig(steps=3, batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=0, mixed_precision='no', eval_every=3,
-                       save_every=2, out_dir=str(out_dir), progress=False, strategy=strategy)
+    return TrainConfig(steps=3, batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=0, mixed_precision='no',
+                       eval_every=3, save_every=2, out_dir=str(out_dir), progress=False, strategy=strategy)
 
 def masked(exs):
-    "`exs` with every label of process 1's share of step 0 set to -100: in step 0 that process has nothing to learn from."
+    "`exs` with every label of process 1's share of step 0 set to -100: in step 0 it has nothing to learn from."
     out = [dict(e) for e in exs]
     for j in batch_indices(0, 4, len(exs))[1::2]: out[j]['labels'] = [-100] * len(out[j]['labels'])
     return out
@@ -34,15 +34,16 @@ CLI_ARGS = ['sft', '--model', 'tiny', '--adapter', 'full', '--steps', '3', '--ba
             '--learning-rate', '1e-3', '--n-eval', '8', '--eval-every', '0']
 
 def record_writes(watched:str, writes:list):
-    "Record in `writes` each file-system change under `watched`: files opened for writing, folders made, renamed or removed."
+    "Record in `writes` each change under `watched`: files opened for writing, folders made, renamed or removed."
     def audit(event, args):
-        if event == 'open' and isinstance(args[0], (str, Path)) and isinstance(args[1], str) and set(args[1]) & set('wax+'):
-            paths = [args[0]]
+        if event == 'open' and isinstance(args[0], (str, Path)) and isinstance(args[1], str):
+            paths = [args[0]] if set(args[1]) & set('wax+') else []
         elif event in ('os.mkdir', 'os.remove', 'os.rmdir', 'shutil.rmtree', 'os.rename'):
             paths = [a for a in args[:2] if isinstance(a, (str, Path))]
         else: return
         for p in paths:
-            if os.path.abspath(p).startswith(watched): writes.append([event, os.path.relpath(os.path.abspath(p), watched)])
+            p = os.path.abspath(p)
+            if p.startswith(watched): writes.append([event, os.path.relpath(p, watched)])
     sys.addaudithook(audit)
 
 if __name__ == '__main__':
@@ -66,7 +67,8 @@ if __name__ == '__main__':
         base, _, variant = strategy.partition('-')
         resume = variant == 'resume'       # a run that starts from the step-2 checkpoint of the `base` run before it
         if resume:
-            if rank == 0: shutil.copytree(work/'runs'/base/'checkpoint-000002', work/'runs'/strategy/'checkpoint-000002')
+            if rank == 0:
+                shutil.copytree(work/'runs'/base/'checkpoint-000002', work/'runs'/strategy/'checkpoint-000002')
             torch.distributed.barrier()
         data = masked(exs) if variant == 'masked' else exs
         model, _ = tiny_model()
@@ -76,7 +78,8 @@ if __name__ == '__main__':
                 for ids, mask in zip(batch['input_ids'].tolist(), batch['attention_mask'].tolist()):
                     seen.append(key[tuple(t for t, a in zip(ids, mask) if a)])
             return sft_loss_fn(m, batch)
-        hist = train(model, loss_fn, data, config(base, work/'runs'/strategy), collate_fn=coll, eval_data=exs[-4:], resume=resume)
+        cfg = config(base, work/'runs'/strategy)
+        hist = train(model, loss_fn, data, cfg, collate_fn=coll, eval_data=exs[-4:], resume=resume)
         weights = trainable_state_dict(model)      # FSDP: every process takes part in gathering the shards
         save_file(weights, work/f'{strategy}-rank{rank}.safetensors')
         report = dict(rank=rank, world=state.num_processes, distributed_type=str(state.distributed_type),

@@ -1,6 +1,6 @@
 """FSDP2 against DDP on whatever the processes run on (CUDA with nccl, or the CPU with gloo): the same tiny-model run
 with `strategy='ddp'` and `strategy='fsdp'`, in fp32 and (on CUDA) under bf16 autocast; prints the losses and PASS/FAIL.
-DDP in any number of processes equals one process (tests/test_distributed.py shows it on the CPU), so it is the reference.
+DDP in any number of processes equals one process (tests/test_distributed.py shows it on the CPU): it is the reference.
 
     torchrun --nproc_per_node 1 tests/fsdp_check.py     # one GPU: fully_shard on CUDA, nccl, bf16 autocast
     torchrun --nproc_per_node 2 tests/fsdp_check.py     # two GPUs (or, without CUDA, two CPU processes over gloo)
@@ -42,7 +42,8 @@ def weight_difference(a, b, precision):
 if __name__ == '__main__':
     state = process_state()
     exs, coll = examples()
-    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else '--bf16' in sys.argv   # CPU autocast on request
+    # bf16 autocast on CUDA where supported; on the CPU on request
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else '--bf16' in sys.argv
     precisions = ['no', 'bf16'] if bf16 else ['no']
     ok = True
     for precision in precisions:
