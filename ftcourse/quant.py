@@ -195,7 +195,6 @@ class NF4MatMul(torch.autograd.Function):
     def forward(ctx, x, packed, state, bias=None):
         w = dequantize_nf4(packed, state, x.dtype)   # a temporary: freed when forward returns
         ctx.meta = (state.shape, state.dtype, state.blocksize, state.nested_blocksize)
-        ctx.bias_shape = None if bias is None else bias.shape
         # only grad_input needs the weight; save_for_backward lets saved-tensor hooks (chapter 5) see what is kept
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(packed, state.absmax, state.offset, state.nested_absmax, state.code)
