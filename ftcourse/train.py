@@ -192,6 +192,13 @@ def fsdp_shard(model, device):
     fully_shard(model, mesh=mesh)
     return model
 
+def _autocast_forward(acc, model):
+    "What Accelerate's `prepare` does under mixed precision (here for FSDP, which it does not prepare on every device)."
+    from types import MethodType
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+    autocast = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
+
 @torch.no_grad()
 def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
     "Mean of `loss_fn` over `data`, weighted by each batch's item count."
@@ -240,6 +247,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
             raise ValueError("strategy='fsdp' trains only parameters of `model`")
         chosen = [names[id(p)] for p in params]
         model = fsdp_shard(model, acc.device)
+        if acc.native_amp: _autocast_forward(acc, model)
         params = [dict(model.named_parameters())[n] for n in chosen]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
@@ -260,11 +268,10 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
 
     def run_eval(step):                    # every process evaluates all of eval_data (FSDP needs all in each forward)
         row, net = dict(step=step), _unwrap(model)
-        with acc.autocast():
-            if eval_data is not None:
-                row.update(evaluate(net, loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
-            if eval_fn is not None:
-                row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(net).items()})
+        if eval_data is not None:
+            row.update(evaluate(net, loss_fn, eval_data, collate_fn, cfg.batch_size, acc.device))
+        if eval_fn is not None:
+            row.update({(k if k.startswith('eval_') else f'eval_{k}'): v for k, v in eval_fn(net).items()})
         _reshard(model)
         if len(row) > 1: record(row)
 
@@ -286,7 +293,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
             if c == 0 and world == 1: continue   # nothing to learn; with several processes, all run every micro-batch
             sync = k == len(batches) - 1        # DDP all-reduces after the last micro-batch only (FSDP after each)
             with (nullcontext() if sync else acc.no_sync(model)):
-                with acc.autocast(): loss, m = loss_fn(model, _to(b, acc.device))
+                loss, m = loss_fn(model, _to(b, acc.device))
                 if c and not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1} (micro-batch {k}); stopped before the "
                         f"optimizer step, so the model holds the step-{step} weights and saved checkpoints are intact. "
