@@ -40,14 +40,17 @@ def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
     kind = kind or _kind(cfg.method)
     if cfg.dataset == 'course':
         train_rows = _read_rows(kind, 'train', kind)
-        eval_rows = _read_rows(kind, 'test', kind) if cfg.eval_dataset in (None, 'course') else _read_rows(cfg.eval_dataset, 'train', kind)
+        if cfg.eval_dataset in (None, 'course'): eval_rows = _read_rows(kind, 'test', kind)
+        else: eval_rows = _read_rows(cfg.eval_dataset, 'train', kind)
     else:
         train_rows = _read_rows(cfg.dataset, 'train', kind)
         if cfg.method == 'ppo': eval_rows = []        # PPO does not evaluate: every row is a training prompt
         elif cfg.eval_dataset: eval_rows = _read_rows(cfg.eval_dataset, 'train', kind)
         else:
             n = min(cfg.n_eval, len(train_rows) // 10)
-            if n == 0: raise ConfigError(f"{cfg.dataset}: {len(train_rows)} rows are too few to hold out an evaluation set; give eval_dataset")
+            if n == 0:
+                raise ConfigError(f"{cfg.dataset}: {len(train_rows)} rows are too few to hold out an evaluation set; "
+                                  "give eval_dataset")
             split = train_rows.train_test_split(test_size=n, seed=cfg.seed)
             train_rows, eval_rows = split['train'], split['test']
             print(f"held out {n} of {n + len(train_rows)} rows of {cfg.dataset} for evaluation (seed {cfg.seed})")
@@ -58,9 +61,10 @@ def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
 def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     "The training loop's settings for a run."
     from ftcourse.train import TrainConfig
-    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, lr=cfg.learning_rate,
-                       warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
-                       eval_every=cfg.eval_every, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed,
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                       lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                       max_grad_norm=cfg.max_grad_norm or None, eval_every=cfg.eval_every,
+                       out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed,
                        log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None)
 
 def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128):
@@ -94,7 +98,8 @@ def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
 
 def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.dpo import train_dpo
-    return model, train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed', max_len=cfg.sequence_len)
+    return model, train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
+                            max_len=cfg.sequence_len)
 
 def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.orpo import train_orpo
@@ -102,11 +107,16 @@ def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
 
 def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward
-    if cfg.reward_model: reward_fn = reward_model_reward(load_reward_run(cfg.reward_model, next(model.parameters()).device)[0], tok)
-    else: reward_fn = judge_reward
-    print(f"PPO against {'the reward model in ' + cfg.reward_model if cfg.reward_model else 'the course judge (a rule)'}")
-    pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size, mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2),
-                     ppo_epochs=cfg.ppo_epochs, lr=cfg.learning_rate, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
+    if cfg.reward_model:
+        reward_model = load_reward_run(cfg.reward_model, next(model.parameters()).device)[0]
+        reward_fn = reward_model_reward(reward_model, tok)
+        print(f"PPO against the reward model in {cfg.reward_model}")
+    else:
+        reward_fn = judge_reward
+        print("PPO against the course judge (a rule)")
+    pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size,
+                     mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2), ppo_epochs=cfg.ppo_epochs,
+                     lr=cfg.learning_rate, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
                      max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
     return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
 
@@ -140,12 +150,13 @@ def run(cfg:RunConfig, device=None,
     n_train = count_trainable(model)
     summary = dict(method=cfg.method, adapter=cfg.adapter, trainable_params=n_train, steps=cfg.steps,
                    seconds=round(time.time() - t0, 1), peak_rss_increase_mb=round(mem.peak_increase / 2**20, 1),
-                   process_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),   # Linux: kB
+                   process_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: kB
                    cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
                    final=({k: v for k, v in hist[-1].items() if isinstance(v, (int, float))} if hist else {}))
     if is_main_process():       # one writer: the other processes hold the same trained weights
         save_trainable(model, out/'trainable.safetensors')
-        if getattr(hist, 'value_head', None) is not None: save_trainable(hist.value_head, out/'value_head.safetensors')   # PPO's critic
+        if getattr(hist, 'value_head', None) is not None:   # PPO's critic
+            save_trainable(hist.value_head, out/'value_head.safetensors')
         write_csv(list(hist), out/'metrics.csv')
         (out/'summary.json').write_text(json.dumps(summary, indent=1))
         print(f"saved {cfg.method} run to {out}/ ({n_train:,} trainable parameters, {summary['seconds']} s)")

@@ -125,7 +125,8 @@ def check_method_options(cfg:RunConfig):
 def validate_config(cfg:RunConfig) -> RunConfig:
     "Check the values that types alone do not; returns `cfg`."
     if cfg.method not in METHODS: raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.adapter not in ADAPTERS: raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}")
+    if cfg.adapter not in ADAPTERS:
+        raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}")
     for k in ('steps', 'batch_size', 'sequence_len', 'lora_r', 'n_eval', 'ppo_max_new_tokens', 'ppo_epochs'):
         if getattr(cfg, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
@@ -159,7 +160,7 @@ def read_yaml(path:str|Path) -> dict:
     return data
 
 def load_config(path:str|Path|None=None, # a YAML file holding a run's options (any subset)
-                overrides:dict|None=None, # options that win over the file (e.g. from command-line flags); None values are ignored
+                overrides:dict|None=None, # options that win over the file (e.g. flags); None values are ignored
                ) -> RunConfig:
     "A checked `RunConfig` from a YAML file and overrides; a `ConfigError` names the file and the option."
     data = read_yaml(path) if path is not None else {}
@@ -210,7 +211,8 @@ def check_output_dir(cfg:RunConfig) -> Path:
         if not (out/'config.yaml').exists():   # --overwrite replaces a run, never a folder of unrelated files
             raise ConfigError(f"output_dir={str(out)!r} holds files that are not a run: choose another output_dir")
         if not cfg.overwrite:
-            raise ConfigError(f"output_dir={str(out)!r} already holds another run: choose another output_dir or pass --overwrite")
+            raise ConfigError(f"output_dir={str(out)!r} already holds another run: "
+                              "choose another output_dir or pass --overwrite")
     return out
 
 def prepare_output_dir(cfg:RunConfig) -> Path:
@@ -247,7 +249,9 @@ def base_model(name:str, device='cpu'):
         return m.to(device), t
     return load_model(name, device=device)
 
-def _lora_targets(cfg): return 'all-linear' if cfg.lora_target_modules == 'all-linear' else [t.strip() for t in cfg.lora_target_modules.split(',') if t.strip()]
+def _lora_targets(cfg):
+    if cfg.lora_target_modules == 'all-linear': return 'all-linear'
+    return [t.strip() for t in cfg.lora_target_modules.split(',') if t.strip()]
 
 def merge_adapters(model:nn.Module) -> nn.Module:
     "Replace every adapter layer (LoRA, DoRA, QLoRA over a 4-bit base) by a plain `nn.Linear` with its merged weight."
@@ -287,7 +291,8 @@ def load_trainable(model:nn.Module, path:str|Path, prefix:str='') -> nn.Module:
         if not n.startswith(prefix): continue
         name = n[len(prefix):]
         if name not in params: raise KeyError(f"{path}: {n!r} is not a parameter of the model it is loaded into")
-        if params[name].shape != t.shape: raise ValueError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model's {tuple(params[name].shape)}")
+        if params[name].shape != t.shape:
+            raise ValueError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model's {tuple(params[name].shape)}")
         with torch.no_grad(): params[name].copy_(t)
     return model
 
@@ -307,22 +312,25 @@ def build_model(cfg:RunConfig, device='cpu', adapter:bool=True,
     "Base model, then `base_run` merged in, then (if `adapter`) the trainable adapter of `cfg`; returns (model, tok)."
     if cfg.base_run and is_peft_folder(cfg.base_run) and not is_run_folder(cfg.base_run):
         if peft_loader is None:
-            raise ConfigError(f"base_run={cfg.base_run!r} is a peft adapter folder: pass ftcourse.export's load_peft_adapter")
+            raise ConfigError(f"base_run={cfg.base_run!r} is a peft adapter folder: "
+                              "pass ftcourse.export's load_peft_adapter as peft_loader")
         model, tok = base_model(cfg.model, device)
         model = merge_adapters(peft_loader(model, cfg.base_run))
     elif cfg.base_run:
         model, tok = load_run(cfg.base_run, device, peft_loader)
         bcfg = read_run_config(cfg.base_run)
-        if bcfg.model != cfg.model: raise ConfigError(f"base_run {cfg.base_run} was trained on {bcfg.model}, this run's model is {cfg.model}")
+        if bcfg.model != cfg.model:
+            raise ConfigError(f"base_run {cfg.base_run} was trained on {bcfg.model}, this run's model is {cfg.model}")
     else: model, tok = base_model(cfg.model, device)
     model.requires_grad_(False)
     set_seed(cfg.seed)             # the adapter's initialisation follows the run's seed (loading a base may reseed)
     return (add_adapter(model, cfg) if adapter else model), tok
 
 def load_run(run_dir:str|Path, device='cpu', peft_loader=None):
-    "A finished run's policy model with its trained weights merged in, and the tokenizer (for chat, evaluation or a next stage)."
+    "A finished run's policy model with its trained weights merged in, and the tokenizer (for chat, evaluation, a next run)."
     cfg = read_run_config(run_dir)
-    if cfg.method == 'reward': raise ConfigError(f"{run_dir} is a reward model, not a policy: load it with `load_reward_run`")
+    if cfg.method == 'reward':
+        raise ConfigError(f"{run_dir} is a reward model, not a policy: load it with `load_reward_run`")
     model, tok = build_model(cfg, device, peft_loader=peft_loader)
     _load_run_weights(model, run_dir)
     return merge_adapters(model).requires_grad_(False).eval(), tok
