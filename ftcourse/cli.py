@@ -14,6 +14,7 @@ from .core import DEFAULT_MODEL, ModelNotAvailable, set_seed, tiny_model
 from .data import DatasetFormatError
 from .runs import METHODS, RunConfig, ConfigError, option_types, read_yaml, load_config, load_run, base_model
 from .methods import run
+from .export import ExportError, export_run, load_peft_adapter
 from .tour import tour
 
 # %% auto #0
@@ -73,15 +74,10 @@ def chat_reply(model, tok, messages:list[dict], # the conversation so far, as ch
     return tok.decode(out[0, enc['input_ids'].shape[1]:], skip_special_tokens=True).strip()
 
 # %% ../nbs/10_capstone.ipynb #d788b674
-def _load_peft_adapter(model, folder):
-    "`ftcourse.export.load_peft_adapter`, for a run that starts from a peft adapter folder (`--base-run`)."
-    from ftcourse.export import load_peft_adapter
-    return load_peft_adapter(model, folder)
-
 def cmd_chat(args):
     t0 = time.time()
     if args.run:
-        model, tok = load_run(args.run, peft_loader=_load_peft_adapter)
+        model, tok = load_run(args.run, peft_loader=load_peft_adapter)
         src = f"run {args.run}"
     else:
         model, tok = base_model(args.model)
@@ -107,7 +103,8 @@ def cmd_train(args):
     if args.config and (m := read_yaml(args.config).get('method', args.command)) != args.command:
         raise ConfigError(f"{args.config} describes a {m} run; run it with `ftcourse {m}`")
     over = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
-    run(load_config(args.config, dict(over, method=args.command)), peft_loader=_load_peft_adapter)
+    # --base-run may be a peft adapter folder: chapter 11's loader reads it
+    run(load_config(args.config, dict(over, method=args.command)), peft_loader=load_peft_adapter)
     return 0
 
 def cmd_tour(args):
@@ -118,9 +115,7 @@ def cmd_tour(args):
     return 0
 
 def cmd_export(args):
-    from ftcourse.export import export_run      # ftcourse.export builds on ftcourse.runs
-    try: path = export_run(args.run, args.format, args.out, gguf_type=args.gguf_type, overwrite=args.overwrite)
-    except ValueError as e: raise ConfigError(str(e)) from e     # export's errors for bad input
+    path = export_run(args.run, args.format, args.out, gguf_type=args.gguf_type, overwrite=args.overwrite)
     print(f"wrote the {args.format} export of {args.run} to {path}")
     return 0
 
@@ -233,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/10_capstone.ipynb #fc46e70e
-USER_ERRORS = (ConfigError, DatasetFormatError, ModelNotAvailable)
+USER_ERRORS = (ConfigError, DatasetFormatError, ModelNotAvailable, ExportError)
 
 def error_line(e:BaseException) -> str:
     "A user error as one line."

@@ -264,7 +264,6 @@ def test_chat_with_a_local_model_folder(tmp_path):
 
 def test_export_a_run_and_chat_with_the_merged_model(tmp_path):
     "`ftcourse export` writes a merged model that `ftcourse chat --model` answers with as the run does; bad input is one line."
-    pytest.importorskip('ftcourse.export')
     assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-2, '--output-dir', tmp_path/'r')[0] == 0
     rc, out, err = cli('export', '--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged')
     assert rc == 0 and str(tmp_path/'merged') in out, err

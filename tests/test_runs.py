@@ -77,12 +77,10 @@ def test_only_the_main_process_writes_the_run_folder(tmp_path, monkeypatch):
 
 def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path):
     "--base-run accepts a peft LoRA folder: the run's starting model is the base with peft's adapter merged in."
-    pytest.importorskip('peft')
-    export = pytest.importorskip('ftcourse.export')
-    if not hasattr(export, 'load_peft_adapter'): pytest.skip('ftcourse.export has no load_peft_adapter yet')
     from peft import LoraConfig, get_peft_model
     from ftcourse.core import tiny_model
     from ftcourse.cli import main
+    from ftcourse.export import load_peft_adapter
     base, tok = tiny_model()
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path/'adapter')
@@ -91,8 +89,10 @@ def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(['sft', '--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '1', '--learning-rate', '1e-9',
                      '--base-run', str(tmp_path/'adapter'), '--output-dir', str(tmp_path/'r')]) == 0
-    got = load_run(tmp_path/'r', peft_loader=export.load_peft_adapter)[0]
+    got = load_run(tmp_path/'r', peft_loader=load_peft_adapter)[0]
     with torch.no_grad(): torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)   # lr 1e-9: the start, merged
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):    # the command reloads it too
+        assert main(['chat', '--run', str(tmp_path/'r'), '--prompt', 'hi', '--max-new-tokens', '2']) == 0
 
 def test_the_recipes_in_configs_are_the_tours_runs(tmp_path, monkeypatch):
     "configs/*.yaml, the files a user copies, load cleanly and equal the tour's five runs on a CPU."
