@@ -75,14 +75,19 @@ def test_only_the_main_process_writes_the_run_folder(tmp_path, monkeypatch):
     assert not written & {'config.yaml', 'metrics.csv', 'trainable.safetensors', 'summary.json'}, written
     assert res['history'] and res['trainable_params'] > 0     # it did train
 
-def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path):
-    "--base-run accepts a peft LoRA folder: the run's starting model is the base with peft's adapter merged in."
+@pytest.mark.parametrize('use_dora', [False, True])
+def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path, use_dora):
+    "--base-run accepts a peft LoRA or DoRA folder: the run's starting model is the base with peft's adapter merged in."
     from peft import LoraConfig, get_peft_model
     from ftcourse.core import tiny_model
     from ftcourse.cli import main
     from ftcourse.export import load_peft_adapter
     base, tok = tiny_model()
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False,
+                                                 use_dora=use_dora))
+    with torch.no_grad():     # trained magnitudes: DoRA differs from LoRA only once they leave their initial norms
+        for n, p in peft_model.named_parameters():
+            if 'lora_magnitude_vector' in n: p.mul_(1 + torch.rand_like(p))
     peft_model.save_pretrained(tmp_path/'adapter')
     x = torch.randint(0, len(tok), (2, 9))
     with torch.no_grad(): want = peft_model(input_ids=x).logits
