@@ -185,3 +185,10 @@ def test_export_run_errors(tmp_path):
     with pytest.raises(ExportError, match='reward model'): export_run(reward, 'merged', tmp_path/'x')
     assert not (tmp_path/'x').exists()
     assert issubclass(ExportError, ValueError)
+
+def test_export_qlora_run_merges_into_the_dequantized_base(tmp_path):
+    run, trained = _run_folder(tmp_path, adapter='qlora')
+    m = export_run(run, 'merged', tmp_path/'merged')
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(m).eval()), logits(trained), rtol=0, atol=1e-4)
+    cfg = json.loads((export_run(run, 'peft', tmp_path/'peft')/'adapter_config.json').read_text())
+    assert cfg['peft_type'] == 'LORA' and sorted(cfg['target_modules']) == ['q_proj', 'v_proj']
