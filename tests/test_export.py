@@ -192,3 +192,9 @@ def test_export_qlora_run_merges_into_the_dequantized_base(tmp_path):
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(m).eval()), logits(trained), rtol=0, atol=1e-4)
     cfg = json.loads((export_run(run, 'peft', tmp_path/'peft')/'adapter_config.json').read_text())
     assert cfg['peft_type'] == 'LORA' and sorted(cfg['target_modules']) == ['q_proj', 'v_proj']
+
+def test_peft_export_of_fp32_adapters_over_a_bf16_base(tmp_path):
+    ours = perturbed(apply_dora(tiny_model()[0].to(torch.bfloat16), 4, 8, ('q_proj', 'v_proj')))
+    assert next(iter(lora_layers(ours).values())).lora_A.dtype == torch.float32     # peft's autocast_adapter_dtype
+    theirs = PeftModel.from_pretrained(tiny_model()[0].to(torch.bfloat16), save_peft(ours, tmp_path/'a')).eval()
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
