@@ -193,14 +193,14 @@ def is_peft_folder(path) -> bool:
 
 def is_main_process() -> bool:
     "Whether this process writes the run folder: the main one under torchrun or accelerate, and any lone process."
-    from accelerate import PartialState
-    # torchrun sets RANK even where Accelerate runs each process alone (CPU without ACCELERATE_USE_CPU)
-    return PartialState().is_main_process and int(os.environ.get('RANK', '0')) == 0
+    from .train import process_state   # the loop's view of the launch (cpu=True under torchrun without CUDA)
+    # torchrun sets RANK: a second guard, whatever state Accelerate was given
+    return process_state().is_main_process and int(os.environ.get('RANK', '0')) == 0
 
 def wait_for_everyone():
     "A barrier across the run's processes (nothing to wait for in a lone process)."
-    from accelerate import PartialState
-    PartialState().wait_for_everyone()
+    from .train import process_state
+    process_state().wait_for_everyone()
 
 # %% ../nbs/10a_runs.ipynb #024541db
 def check_output_dir(cfg:RunConfig) -> Path:
