@@ -64,7 +64,7 @@ def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                        lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
                        max_grad_norm=cfg.max_grad_norm or None, eval_every=cfg.eval_every,
-                       out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed,
+                       out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed, strategy=cfg.strategy,
                        log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None)
 
 def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128):
@@ -137,8 +137,11 @@ def run(cfg:RunConfig, device=None,
     "Train one run as `cfg` says; returns a summary (also written to `summary.json` in the run's folder)."
     from ftcourse.core import get_device
     from ftcourse.lora import count_trainable
-    import resource
+    import os, resource
     validate_config(cfg)
+    if cfg.strategy == 'fsdp' and int(os.environ.get('WORLD_SIZE', '1')) < 2:   # torchrun and accelerate set it
+        raise ConfigError("strategy='fsdp' shards the model across processes: launch two or more, e.g. "
+                          f"torchrun --nproc_per_node 2 -m ftcourse.cli {cfg.method} --strategy fsdp ...")
     device = device or get_device()
     t0, mem = time.time(), PeakRSS()
     check_output_dir(cfg)
@@ -153,8 +156,10 @@ def run(cfg:RunConfig, device=None,
                    process_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: kB
                    cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
                    final=({k: v for k, v in hist[-1].items() if isinstance(v, (int, float))} if hist else {}))
-    if is_main_process():       # one writer: the other processes hold the same trained weights
-        save_trainable(model, out/'trainable.safetensors')
+    main = is_main_process()
+    # every process takes part (FSDP gathers the shards into whole tensors); the main one alone writes
+    save_trainable(model, out/'trainable.safetensors', write=main)
+    if main:                    # one writer: the other processes hold the same trained weights
         if getattr(hist, 'value_head', None) is not None:   # PPO's critic
             save_trainable(hist.value_head, out/'value_head.safetensors')
         write_csv(list(hist), out/'metrics.csv')

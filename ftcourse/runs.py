@@ -13,15 +13,16 @@ import torch, torch.nn as nn
 from .core import DEFAULT_MODEL, load_model, set_seed, tiny_model
 
 # %% auto #0
-__all__ = ['METHODS', 'ADAPTERS', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError', 'option_types', 'check_method_options',
-           'validate_config', 'read_yaml', 'load_config', 'config_yaml', 'is_run_folder', 'is_peft_folder',
-           'is_main_process', 'wait_for_everyone', 'check_output_dir', 'prepare_output_dir', 'read_csv', 'write_csv',
-           'base_model', 'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable',
-           'build_model', 'load_run', 'load_reward_run']
+__all__ = ['METHODS', 'ADAPTERS', 'RUN_STRATEGIES', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError', 'option_types',
+           'check_method_options', 'validate_config', 'read_yaml', 'load_config', 'config_yaml', 'is_run_folder',
+           'is_peft_folder', 'is_main_process', 'wait_for_everyone', 'check_output_dir', 'prepare_output_dir',
+           'read_csv', 'write_csv', 'base_model', 'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable',
+           'load_trainable', 'build_model', 'load_run', 'load_reward_run']
 
 # %% ../nbs/10a_runs.ipynb #6d85cebf
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
 ADAPTERS = ('lora', 'qlora', 'full')
+RUN_STRATEGIES = ('ddp', 'fsdp')
 
 def _opt(default, help:str, **kw): return field(default=default, metadata=dict(help=help, **kw))
 
@@ -42,6 +43,8 @@ class RunConfig:
     steps:int = _opt(30, "optimizer steps")
     batch_size:int = _opt(4, "sequences (pairs for reward/dpo/orpo, prompts for ppo) per optimizer step, across all processes")
     micro_batch_size:int|None = _opt(None, "sequences per forward/backward (gradient accumulation); default: the whole batch")
+    strategy:str = _opt('ddp', "with several processes (torchrun): 'ddp' (a whole copy of the model in each) or 'fsdp' "
+                               "(weights, gradients and AdamW state sharded across them, FSDP2)")
     learning_rate:float = _opt(2e-4, "peak learning rate (linear warmup, then cosine decay)")
     warmup_steps:int = _opt(3, "warmup steps")
     weight_decay:float = _opt(0.0, "AdamW weight decay")
@@ -107,7 +110,8 @@ METHOD_ONLY = dict(beta=('dpo',), orpo_lambda=('orpo',), reward_model=('ppo',), 
 FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosine decay from the first iteration)"),
                       weight_decay=(0.01, "train_ppo's AdamW uses torch's default weight decay, 0.01"),
                       eval_every=(0, "train_ppo does not evaluate on held-out rows"),
-                      log_with=(None, "train_ppo logs to the run folder's metrics.csv only")))
+                      log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
+                      strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")))
 
 def check_method_options(cfg:RunConfig):
     "A `ConfigError` naming the method if `cfg` sets an option that its method would ignore."
@@ -127,6 +131,8 @@ def validate_config(cfg:RunConfig) -> RunConfig:
     if cfg.method not in METHODS: raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     if cfg.adapter not in ADAPTERS:
         raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}")
+    if cfg.strategy not in RUN_STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(RUN_STRATEGIES)}, got {cfg.strategy!r}")
     for k in ('steps', 'batch_size', 'sequence_len', 'lora_r', 'n_eval', 'ppo_max_new_tokens', 'ppo_epochs'):
         if getattr(cfg, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
@@ -275,12 +281,18 @@ def add_adapter(model:nn.Module, cfg:RunConfig) -> nn.Module:
     return model
 
 # %% ../nbs/10a_runs.ipynb #f2eed72a
-def save_trainable(model:nn.Module, path:str|Path):
-    "The trained parameters (those with `requires_grad`) as safetensors, written atomically."
+def save_trainable(model:nn.Module, path:str|Path,
+                   write:bool=True, # False: only take part in gathering FSDP's shards (the processes that do not write)
+                  ):
+    "The trained parameters (those with `requires_grad`) as whole tensors in safetensors, written atomically."
     from safetensors.torch import save_file
+    from ftcourse.train import trainable_state_dict
+    # whole CPU tensors; an FSDP-sharded model's shards are gathered, a collective that every process must join
+    tensors = trainable_state_dict(model)
+    if not write: return
     path = Path(path)
     tmp = path.with_suffix('.tmp')
-    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(tmp))
+    save_file(tensors, str(tmp))
     os.replace(tmp, path)
 
 def load_trainable(model:nn.Module, path:str|Path, prefix:str='') -> nn.Module:

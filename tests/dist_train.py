@@ -1,8 +1,9 @@
 """Launched by tests/test_distributed.py under torchrun: train the tiny model with each strategy (and through the
 `ftcourse sft` command) and report, per rank, which examples this process trained on, what it wrote to disk, the
-history and the final weights.
+history and the final weights. `cli-fsdp` is the command with `--strategy fsdp`; it also reports the bytes this process
+holds in its shards of the weights, the gradients and AdamW's state after the last optimizer step.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli ddp fsdp fsdp-resume ddp-masked
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py WORK_DIR cli cli-fsdp ddp fsdp fsdp-resume ddp-masked
 """
 import json, os, shutil, sys
 from pathlib import Path
@@ -46,6 +47,21 @@ def record_writes(watched:str, writes:list):
             if p.startswith(watched): writes.append([event, os.path.relpath(p, watched)])
     sys.addaudithook(audit)
 
+def local_bytes(tensors) -> int:
+    "Bytes this process holds for `tensors`: a sharded tensor (DTensor) counts its local shard only."
+    local = [t.to_local() if hasattr(t, 'to_local') else t for t in tensors if t is not None]
+    return sum(t.numel() * t.element_size() for t in local)
+
+def record_memory(memory:dict):
+    "After every optimizer step (of any optimizer), store in `memory` the bytes of its weights, gradients and state."
+    def hook(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g['params']]
+        state = [v for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+        memory.update(weights=local_bytes(params), gradients=local_bytes([p.grad for p in params]),
+                      optimizer=local_bytes(state), whole_weights=sum(p.numel() * p.element_size() for p in params))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    return register_optimizer_step_post_hook(hook)
+
 if __name__ == '__main__':
     work, strategies = Path(sys.argv[1]), sys.argv[2:]
     writes = []
@@ -53,15 +69,19 @@ if __name__ == '__main__':
     exs, coll = examples()
     key = {tuple(e['input_ids']): i for i, e in enumerate(exs)}
     for strategy in strategies:
-        if strategy == 'cli':              # first, as in a fresh `torchrun -m ftcourse.cli` process
+        memory = {}
+        if strategy.startswith('cli'):     # first, as in a fresh `torchrun -m ftcourse.cli` process
             from ftcourse.cli import main
-            try: main([*CLI_ARGS, '--output-dir', str(work/'runs'/'cli')])
-            except SystemExit as e: assert not e.code, e.code
+            flags = ['--strategy', 'fsdp'] if strategy == 'cli-fsdp' else []
+            hook = record_memory(memory)
+            try: code = main([*CLI_ARGS, *flags, '--output-dir', str(work/'runs'/strategy)])
+            finally: hook.remove()
+            assert code == 0, code
         state = process_state()
         rank = state.process_index
-        if strategy == 'cli':
-            report = dict(rank=rank, world=state.num_processes, writes=writes[:])
-            (work/f'cli-rank{rank}.json').write_text(json.dumps(report))
+        if strategy.startswith('cli'):
+            report = dict(rank=rank, world=state.num_processes, writes=writes[:], memory=memory)
+            (work/f'{strategy}-rank{rank}.json').write_text(json.dumps(report))
             writes.clear()
             continue
         base, _, variant = strategy.partition('-')

@@ -16,6 +16,11 @@ from ftcourse.train import train, batch_indices, trainable_state_dict
 # results agree to rounding, not bit for bit: losses within a relative 1e-5, weights (after three AdamW steps) within
 # an absolute 1e-5 (the learning rate is 1e-3, so this is 1% of one step).
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+# Per-process memory under FSDP against `per_gpu_memory(..., 'zero3')`, which divides the whole model's bytes by the
+# process count: FSDP2 splits each tensor along its first dimension, so a tensor whose rows do not divide evenly (the
+# tiny model's 259-row embedding) leaves one process a row more; AdamW also keeps a scalar step count per tensor. Both
+# are far below 0.1% of the tiny model's 1.2 MB shard, so the measured bytes must agree with the estimate within 0.1%.
+MEMORY_RTOL = 1e-3
 
 @pytest.fixture(scope='module')
 def launched(tmp_path_factory):
@@ -24,10 +29,10 @@ def launched(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     env.pop('CUDA_VISIBLE_DEVICES', None)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked']
+           str(Path(__file__).parent/'dist_train.py'), str(work), 'cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked', 'cli-fsdp']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    runs = ('cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked')
+    runs = ('cli', 'ddp', 'fsdp', 'fsdp-resume', 'ddp-masked', 'cli-fsdp')
     reports = {(s, r): json.loads((work/f'{s}-rank{r}.json').read_text()) for s in runs for r in (0, 1)}
     return work, reports, p.stdout
 
@@ -113,18 +118,48 @@ def test_a_process_with_nothing_to_learn_still_takes_part(launched, data, tmp_pa
         w2 = load_file(work/f'ddp-masked-rank{rank}.safetensors')
         for k in w1: torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL)
 
-def test_the_command_writes_one_run_folder_from_rank_0(launched, tmp_path):
-    "`torchrun ... ftcourse sft`: one run folder, written by rank 0 alone, and the one-process command's losses."
-    import csv, contextlib, io
+@pytest.fixture(scope='module')
+def one_process_command(tmp_path_factory):
+    "`ftcourse sft` in one process (this one): its run folder."
+    import contextlib, io
     from ftcourse.cli import main
+    out = tmp_path_factory.mktemp('one-command')/'run'
+    with contextlib.redirect_stdout(io.StringIO()): assert main([*CLI_ARGS, '--output-dir', str(out)]) == 0
+    return out
+
+@pytest.mark.parametrize('run', ['cli', 'cli-fsdp'])
+def test_the_command_writes_one_run_folder_from_rank_0(launched, one_process_command, run):
+    "`torchrun ... ftcourse sft [--strategy fsdp]`: one run folder, written by rank 0 alone, as the one-process command's."
+    import csv, yaml
     work, reports, stdout = launched
-    assert reports['cli', 0]['world'] == 2
-    assert reports['cli', 1]['writes'] == [], reports['cli', 1]['writes'][:5]
-    assert {p.split('/')[0] for _, p in reports['cli', 0]['writes']} <= {'.', 'cli'}           # '.': the parent folder
-    assert {'cli/config.yaml', 'cli/metrics.csv'} <= {p for _, p in reports['cli', 0]['writes']}
-    with contextlib.redirect_stdout(io.StringIO()): main([*CLI_ARGS, '--output-dir', str(tmp_path/'one')])
-    l1, l2 = ([float(r['loss']) for r in csv.DictReader(open(d/'metrics.csv'))] 
-              for d in (tmp_path/'one', work/'runs'/'cli'))
+    assert reports[run, 0]['world'] == 2
+    assert reports[run, 1]['writes'] == [], reports[run, 1]['writes'][:5]
+    assert {p.split('/')[0] for _, p in reports[run, 0]['writes']} <= {'.', run}           # '.': the parent folder
+    assert {f'{run}/config.yaml', f'{run}/metrics.csv'} <= {p for _, p in reports[run, 0]['writes']}
+    strategy = yaml.safe_load((work/'runs'/run/'config.yaml').read_text())['strategy']
+    assert strategy == ('fsdp' if run == 'cli-fsdp' else 'ddp')
+    l1, l2 = ([float(r['loss']) for r in csv.DictReader(open(d/'metrics.csv'))]
+              for d in (one_process_command, work/'runs'/run))
     assert len(l1) == 3 and l2 == pytest.approx(l1, rel=LOSS_RTOL)
-    a, b = load_file(tmp_path/'one'/'trainable.safetensors'), load_file(work/'runs'/'cli'/'trainable.safetensors')
+    # whole tensors (FSDP's shards gathered by `trainable_state_dict`), equal to one process's within WEIGHT_ATOL
+    a, b = (load_file(d/'trainable.safetensors') for d in (one_process_command, work/'runs'/run))
+    assert b.keys() == a.keys() and all(b[k].shape == a[k].shape for k in a)
     for k in a: torch.testing.assert_close(b[k], a[k], rtol=0, atol=WEIGHT_ATOL)
+    init = dict(tiny_model()[0].named_parameters())
+    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-4   # the weights moved, so the comparison means something
+
+def test_per_process_memory_matches_the_estimate(launched):
+    "Bytes each process holds after an optimizer step: FSDP's shards are the zero3 estimate, DDP's copy the ddp one."
+    from ftcourse.cli import per_gpu_memory
+    work, reports, _ = launched
+    # the command's run: a full fine-tune of the tiny model in fp32 (no mixed precision on a CPU), AdamW
+    est = {s: per_gpu_memory('tiny', 2, s, method='full', dtype='fp32') for s in ('zero3', 'ddp')}
+    whole = per_gpu_memory('tiny', 1, 'ddp', method='full', dtype='fp32')['weights']
+    for run, strategy in (('cli-fsdp', 'zero3'), ('cli', 'ddp')):
+        mem = [reports[run, r]['memory'] for r in (0, 1)]
+        for m in mem:
+            assert m['whole_weights'] == whole                       # the estimate counts the tiny model's parameters
+            for part in ('weights', 'gradients', 'optimizer'):
+                assert m[part] == pytest.approx(est[strategy][part], rel=MEMORY_RTOL), (run, part)
+        if run == 'cli-fsdp':                                        # the shards partition the model: no overlap
+            assert mem[0]['weights'] + mem[1]['weights'] == whole
