@@ -11,7 +11,8 @@ TINY = dict(model='tiny', n_eval=8, batch_size=4, learning_rate=1e-3)
 PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, learning_rate=1e-3)   # PPO holds no rows out: no n_eval
 
 @pytest.mark.parametrize('option, value', [('warmup_steps', 5), ('weight_decay', 0.1), ('eval_every', 5),
-                                           ('log_with', 'tensorboard'), ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16)])
+                                           ('log_with', 'tensorboard'), ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16),
+                                           ('strategy', 'fsdp')])
 def test_ppo_refuses_each_option_it_would_ignore(option, value):
     with pytest.raises(ConfigError, match=rf"{option}=.* ppo"): load_config(overrides=dict(method='ppo', **{option: value}))
 
@@ -39,8 +40,32 @@ def test_ppo_fixed_values_are_what_train_ppo_runs_with():
     src = inspect.getsource(train_ppo)
     assert 'weight_decay' not in src and 'cosine_with_warmup(s, 0, total)' in src
     cfg = load_config(overrides=dict(method='ppo'))
-    assert (cfg.warmup_steps, cfg.weight_decay, cfg.eval_every, cfg.log_with) == (0, 0.01, 0, None)
+    assert (cfg.warmup_steps, cfg.weight_decay, cfg.eval_every, cfg.log_with, cfg.strategy) == (0, 0.01, 0, None, 'ddp')
     with pytest.raises(ConfigError, match='ppo does not support'): run(RunConfig(method='ppo', model='tiny'))   # built directly
+
+def test_fsdp_is_refused_exactly_by_the_methods_that_do_not_train_through_the_loop():
+    "FSDP is chapter 2b's `train(strategy='fsdp')`: a method whose trainer calls `train` takes it, the others refuse it."
+    import re
+    from ftcourse import methods, reward, ppo, dpo, orpo
+    trainers = dict(sft=methods.train_sft, reward=reward.train_reward, ppo=ppo.train_ppo, dpo=dpo.train_dpo,
+                    orpo=orpo.train_orpo)
+    assert set(trainers) == set(METHODS)
+    for method, trainer in trainers.items():
+        src = inspect.getsource(trainer)
+        uses_loop = re.search(r'(?<![\w.])train\(', src) is not None
+        assert uses_loop == ('strategy' not in FIXED.get(method, {})), method
+        if uses_loop: assert load_config(overrides=dict(method=method, strategy='fsdp')).strategy == 'fsdp'
+
+def test_bad_strategies_stop_the_command_with_one_line(tmp_path, capsys):
+    "A strategy that is not ddp/fsdp, and fsdp in a lone process, are one line and exit status 2, before any loading."
+    from ftcourse.cli import main
+    base = ['sft', '--model', 'tiny', '--steps', '1', '--output-dir', str(tmp_path/'r')]
+    for flags, message in ((['--strategy', 'zero3'], 'strategy must be one of ddp, fsdp'),
+                           (['--strategy', 'fsdp'], 'torchrun --nproc_per_node 2 -m ftcourse.cli sft --strategy fsdp')):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path/'r').exists()                    # refused before the run folder was written
 
 def test_ppo_run_uses_sequence_len_and_all_rows(tmp_path):
     "sequence_len keeps only prompts with room for the new tokens; a ppo run holds no rows out and reloads."
