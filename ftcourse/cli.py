@@ -247,6 +247,9 @@ def main(argv:list[str]|None=None) -> int:
         print(f"ftcourse {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
 
+# `python -m ftcourse.cli ...`, as `torchrun -m ftcourse.cli` starts each process; never on import or in a notebook
+if __name__ == '__main__' and sys.argv[0].endswith(('ftcourse/cli.py', 'ftcourse\\cli.py')): sys.exit(main())
+
 # %% ../nbs/10_capstone.ipynb #dffa5750
 STRATEGIES = ('ddp', 'zero1', 'zero2', 'zero3')
 
