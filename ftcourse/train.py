@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/train.html.md"""
 
 # %% ../nbs/02b_train.ipynb #21b2d561
 from __future__ import annotations
-import json, math, os, random, shutil, time
+import atexit, json, math, os, random, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, field
 from functools import lru_cache
@@ -164,7 +164,17 @@ def process_state():
     cpu = _cpu_launch()
     if cpu and PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(True)   # a state made earlier without cpu=True, which saw one process
-    return PartialState(cpu=cpu)
+    state = PartialState(cpu=cpu)
+    global _closes_at_exit
+    if torch.distributed.is_initialized() and not _closes_at_exit:
+        # a process group left to the interpreter's shutdown can abort (SIGABRT) in gloo's threads as its peer exits
+        atexit.register(_close_process_group)
+        _closes_at_exit = True
+    return state
+
+_closes_at_exit = False
+def _close_process_group():
+    if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 def _accelerator(cfg):
     from accelerate import Accelerator
