@@ -278,8 +278,7 @@ GPU_WORKLOADS = {   # chapter notebook -> its workloads on the GPU profile
     '02b_train': (Workload('full', _G.micro_batch_size, _G.max_len),),
     '03_lora': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # + the untouched copy
                 Workload('full', _G.micro_batch_size, _G.max_len, other_models=(_G.model,))),   # its cost comparison (the trained copy waits on the CPU)
-    '03a_peft_methods': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),   # a fresh copy per method
-                         Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,))),   # step costs: one copy at a time
+    '03a_peft_methods': (Workload('lora', _G.micro_batch_size, _G.max_len, other_models=(_G.model,)),),   # one copy at a time, step costs too
     '04_nf4': (Workload('qlora', _G.micro_batch_size, _G.max_len, other_models=(DEFAULT_MODEL,)),),   # + the bnb comparison's
     '05_checkpointing': (Workload('full', 4, 512, model=DEFAULT_MODEL),),   # the CUDA peak-memory cell: 4 x 512 tokens
     '06_reward': (Workload('lora', _G.micro_batch_size, _G.max_len, seqs_per_item=2),),

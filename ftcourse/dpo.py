@@ -73,7 +73,7 @@ def concatenated_logps(model, batch:dict, # `input_ids`, `attention_mask`, `labe
     n = mask.sum(-1); s = lp.sum(-1)
     s = s / n.clamp(min=1) if average else s
     c, r = s.chunk(2); nc, nr = n.chunk(2)
-    return dict(chosen=c, rejected=r, n_chosen=nc, n_rejected=nr, token_logps=lp, mask=mask)
+    return dict(chosen=c, rejected=r, n_chosen=nc, n_rejected=nr)
 
 # %% ../nbs/08_dpo.ipynb #d8899c1a
 def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)

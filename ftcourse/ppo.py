@@ -7,7 +7,6 @@ Docs: https://ftcourse.github.io/ftcourse/ppo.html.md"""
 # %% ../nbs/07_ppo.ipynb #50966bc3
 from __future__ import annotations
 import math, random, time
-from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, asdict
 import torch, torch.nn.functional as F

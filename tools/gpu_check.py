@@ -35,7 +35,7 @@ PLATFORMS = ['manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_24_x
              'manylinux2014_x86_64', 'manylinux1_x86_64', 'any']
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'generation_config.json')
 # heaviest first, so that they get the whole budget; notebooks not named here run after these, in name order
-PRIORITY = ['10_capstone', '10b_tour', '07_ppo', '02b_train', '03a_peft_methods', '08_dpo', '09_orpo', '06_reward',
+PRIORITY = ['10_capstone', '10c_tour', '10b_methods', '07_ppo', '02b_train', '03a_peft_methods', '08_dpo', '09_orpo', '06_reward',
             '03_lora', '04_nf4', '05_checkpointing', '10a_runs', '02a_sft', '01_autoregression', '01a_evaluate']
 
 def log(*a): print(f"[gpu-check {time.strftime('%H:%M:%S')}]", *a, flush=True)
