@@ -175,9 +175,9 @@ def build_course_datasets(out_dir:str|Path|None=None, # where to write the JSONL
     "Write `sft_{train,test}.jsonl` and `preference_{train,test}.jsonl`; returns {file name: sha256}."
     out = Path(out_dir or DATA_DIR); out.mkdir(parents=True, exist_ok=True)
     sft_test = make_sft_rows(SIZES['test'], seed)
-    sft_train = make_sft_rows(SIZES['train'], seed+1, exclude={_prompt_of(r) for r in sft_test})
     pref_test = make_preference_rows(SIZES['test'], seed+2)
-    held_out = {_prompt_of(r) for r in sft_test + pref_test}
+    held_out = {_prompt_of(r) for r in sft_test + pref_test}     # no stage trains on any stage's test questions
+    sft_train = make_sft_rows(SIZES['train'], seed+1, exclude=held_out)
     pref_train = make_preference_rows(SIZES['train'], seed+3, exclude=held_out)
     hashes = {}
     for name, rows in [('sft_train', sft_train), ('sft_test', sft_test), ('preference_train', pref_train), ('preference_test', pref_test)]:
