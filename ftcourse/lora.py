@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['ATTENTION', 'MLP', 'TARGETS', 'lora_state_dict', 'SMOLLM2_135M', 'LLAMA2_7B', 'MISTRAL_7B', 'LLAMA3_8B',
-           'KNOWN_CONFIGS', 'adapter_dtype', 'LoRALinear', 'target_names', 'apply_lora', 'lora_layers',
-           'count_trainable', 'copy_lora_from_peft', 'peft_lora_layer', 'adapter_modules', 'merge_lora',
+           'KNOWN_CONFIGS', 'SFT_LORA', 'SFT_LR', 'adapter_dtype', 'LoRALinear', 'target_names', 'apply_lora',
+           'lora_layers', 'count_trainable', 'copy_lora_from_peft', 'peft_lora_layer', 'adapter_modules', 'merge_lora',
            'adapter_state_dict', 'save_adapters', 'load_adapters', 'adapters_disabled', 'lora_params', 'layer_dims',
            'as_config', 'meta_model', 'target_shapes', 'lora_param_count', 'model_param_count', 'peft_trainable_count',
-           'adamw_state_bytes']
+           'sft_data', 'train_sft_lora', 'sft_model', 'adamw_state_bytes']
 
 # %% ../nbs/03_lora.ipynb #dd9fcaa9
 def adapter_dtype(dtype:torch.dtype, autocast:bool=True) -> torch.dtype:
@@ -352,6 +352,79 @@ def peft_trainable_count(config, # a transformers config or dict, or a model (wh
         model = config if isinstance(config, nn.Module) else meta_model(config)
         pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=tm))
     return pm.get_nb_trainable_parameters()[0]
+
+# %% ../nbs/03_lora.ipynb #c3a5f002
+SFT_LORA = dict(r=8, alpha=16, target_modules='all-linear')   # the recipe's adapters
+SFT_LR = 1e-3                                                  # LoRA takes about ten times full fine-tuning's rate
+
+def sft_data(tok, settings) -> tuple[list, list]:
+    "The recipe's examples: the first `steps × batch_size` SFT train rows, and test rows 100–131 for the held-out loss."
+    from ftcourse.data import load_course_dataset
+    from ftcourse.sft import sft_dataset
+    rows, test = load_course_dataset('sft', 'train'), load_course_dataset('sft', 'test')
+    # as many rows as the run takes, up to all of them (a GPU profile's 300 x 16 cycles through them in epochs)
+    train_ex, _ = sft_dataset(rows.select(range(min(settings.steps * settings.batch_size, len(rows)))), tok,
+                              settings.max_len, verbose=False)
+    eval_ex, _ = sft_dataset(test.select(range(100, 132)), tok, settings.max_len, verbose=False)
+    return train_ex, eval_ex
+
+def train_sft_lora(model, tok, settings=None, # default: `course_settings()`
+                   seed:int=0, progress:bool=False):
+    "Chapter 3's recipe on `model`, in place: LoRA r=8 on every linear layer, `settings.steps` steps at lr 1e-3, precision 'auto'."
+    from ftcourse.core import course_settings
+    from ftcourse.sft import collate_sft, sft_loss_fn
+    from ftcourse.train import TrainConfig, train
+    s = settings or course_settings()
+    train_ex, eval_ex = sft_data(tok, s)
+    apply_lora(model, **SFT_LORA)
+    cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, micro_batch_size=s.micro_batch_size, lr=SFT_LR, warmup_steps=3,
+                      eval_every=s.eval_every, mixed_precision='auto', seed=seed, progress=progress)
+    return train(model, sft_loss_fn, train_ex, cfg, collate_fn=collate_sft(tok), eval_data=eval_ex)
+
+def _sft_key(settings, seed:int) -> str:
+    "A hash of everything that changes the SFT model: settings, seed, recipe, precision, training data."
+    import hashlib, json
+    from dataclasses import asdict
+    from ftcourse.core import auto_precision
+    from ftcourse.data import DATA_DIR
+    data = hashlib.sha256((DATA_DIR/'sft_train.jsonl').read_bytes() + (DATA_DIR/'sft_test.jsonl').read_bytes()).hexdigest()
+    what = dict(settings=asdict(settings), seed=seed, lora=SFT_LORA, lr=SFT_LR, data=data,
+                precision=auto_precision(settings.device))
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+def sft_model(settings=None, # default: `course_settings()`
+              seed:int=0, verbose:bool=True):
+    "(model, tok, history): chapter 3's SFT model with its adapters merged, trained on first use and cached under `cache_dir()/'sft'`."
+    import json, os, time
+    from ftcourse.core import course_settings, load_model, cache_dir
+    from ftcourse.train import History
+    s = settings or course_settings()
+    folder = cache_dir()/'sft'/_sft_key(s, seed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(s.model, device=s.device)
+    t0 = time.time()
+    with open(f"{folder}.lock", 'w') as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)   # a second process asking now waits here, then finds the files
+        except ImportError: pass               # no fcntl (Windows): one process at a time is the user's to ensure
+        if (folder/'history.json').exists():
+            apply_lora(model, **SFT_LORA)
+            load_adapters(model, folder/'adapters.safetensors')
+            hist = History(json.loads((folder/'history.json').read_text()))
+            how = 'loaded from'
+        else:
+            hist = train_sft_lora(model, tok, s, seed, progress=verbose)
+            tmp = folder.with_name(folder.name + f'.tmp{os.getpid()}')
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_adapters(model, tmp/'adapters.safetensors')
+            (tmp/'history.json').write_text(json.dumps(list(hist)))
+            os.replace(tmp, folder)            # the folder appears whole or not at all
+            how = 'trained and cached in'
+    merge_lora(model, unload=True)             # a plain model again: later chapters add their own adapters
+    model.requires_grad_(True).eval()
+    if verbose: print(f"SFT model {how} {folder} ({time.time() - t0:.0f} s)")
+    return model, tok, hist
 
 # %% ../nbs/03_lora.ipynb #1b23167e
 def adamw_state_bytes(params) -> int:

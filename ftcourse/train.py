@@ -12,7 +12,7 @@ from dataclasses import dataclass, asdict, field
 from functools import lru_cache
 from pathlib import Path
 import torch
-from .core import set_seed
+from .core import set_seed, auto_precision
 
 # %% auto #0
 __all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'trainable_state_dict', 'save_checkpoint',
@@ -34,7 +34,7 @@ class TrainConfig:
     save_every:int = 0                   # checkpoint every this many steps (0: only at the end, if out_dir is set)
     keep_checkpoints:int = 2             # how many checkpoints to keep
     out_dir:str|None = None              # where checkpoints and metrics.jsonl go (None: keep nothing on disk)
-    mixed_precision:str = 'auto'         # 'no', 'bf16', 'fp16'; 'auto': bf16 (or fp16) on CUDA, 'no' on CPU
+    mixed_precision:str = 'auto'         # 'no', 'bf16', 'fp16'; 'auto': `core.auto_precision` (bf16 where it is fast)
     seed:int = 0                         # seeds the data order and everything random in the run
     shuffle:bool = True                  # shuffle the data each epoch (False: in order, for comparisons)
     progress:bool = True                 # show a progress bar
@@ -180,7 +180,7 @@ def _accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     mp = cfg.mixed_precision
-    if mp == 'auto': mp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if torch.cuda.is_available() else 'no'
+    if mp == 'auto': mp = auto_precision('cuda' if torch.cuda.is_available() and not _cpu_launch() else 'cpu')
     process_state()
     kw = dict(cpu=_cpu_launch(), mixed_precision=mp, log_with=cfg.log_with, project_dir=cfg.out_dir)
     try: return Accelerator(**kw)
