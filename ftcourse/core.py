@@ -7,6 +7,7 @@ Docs: https://ftcourse.github.io/ftcourse/core.html.md"""
 # %% ../nbs/00_core.ipynb #b08f62c2
 from __future__ import annotations
 import os, json, random, socket, shutil, importlib, importlib.util, time, tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,10 +17,11 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
-           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'get_device', 'Settings',
-           'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'gguf_path', 'hub_reachable',
-           'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable', 'load_model',
-           'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require', 'tested_versions', 'check_versions']
+           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'eval_mode', 'get_device',
+           'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'gguf_path',
+           'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable',
+           'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require', 'tested_versions',
+           'check_versions']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -28,6 +30,16 @@ def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU a
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
     return seed
+
+# %% ../nbs/00_core.ipynb #b1f0c005
+@contextmanager
+def eval_mode(*models):
+    "Put `models` in evaluation mode for the block, then restore each one's own mode, even on an exception."
+    modes = [m.training for m in models]
+    for m in models: m.eval()
+    try: yield models[0] if len(models) == 1 else models
+    finally:
+        for m, mode in zip(models, modes): m.train(mode)
 
 # %% ../nbs/00_core.ipynb #7971eb70
 def get_device() -> torch.device:

@@ -8,6 +8,7 @@ Docs: https://ftcourse.github.io/ftcourse/sft.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass, field
 import torch, torch.nn.functional as F
+from .core import eval_mode
 from .data import validate_row, DatasetFormatError, judge
 
 IGNORE_INDEX = -100
@@ -171,18 +172,18 @@ def prompt_messages(row:dict) -> list[dict]:
 def generate_responses(model, tok, conversations:list[list[dict]], max_new_tokens:int=24, batch_size:int=16) -> list[str]:
     "Greedy answers to each conversation, batched with left padding."
     side, tok.padding_side = tok.padding_side, 'left'
-    was_training = model.training; model.eval()
     try:
         out = []
         for i in range(0, len(conversations), batch_size):
             ids = [chat_ids(tok, c, add_generation_prompt=True) for c in conversations[i:i + batch_size]]
             x = pad_sequences(ids, pad_id(tok), 'left').to(model.device)
             m = pad_sequences([[1] * len(s) for s in ids], 0, 'left').to(model.device)
-            g = model.generate(input_ids=x, attention_mask=m, max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
+            with eval_mode(model):
+                g = model.generate(input_ids=x, attention_mask=m, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=pad_id(tok), eos_token_id=tok.eos_token_id)
             out += [tok.decode(s[x.shape[1]:], skip_special_tokens=True).strip() for s in g]
         return out
-    finally: tok.padding_side = side; model.train(was_training)
+    finally: tok.padding_side = side
 
 def judge_score(model, tok, rows, # rows with `answer` and `task` (sft or preference)
                 max_new_tokens:int=24, batch_size:int=16) -> dict:

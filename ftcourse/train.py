@@ -12,7 +12,7 @@ from dataclasses import dataclass, asdict, field
 from functools import lru_cache
 from pathlib import Path
 import torch
-from .core import set_seed, auto_precision
+from .core import set_seed, auto_precision, eval_mode
 
 # %% auto #0
 __all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'trainable_state_dict', 'save_checkpoint',
@@ -212,16 +212,15 @@ def _autocast_forward(acc, model):
 @torch.no_grad()
 def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
     "Mean of `loss_fn` over `data`, weighted by each batch's item count."
-    was = model.training; model.eval()
     tot, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(data), batch_size):
             b = collate_fn([data[j] for j in range(i, min(i + batch_size, len(data)))])
             c = count_items(b)
             if c == 0: continue
             loss, _ = loss_fn(model, _to(b, device or next(model.parameters()).device))
-            tot += loss.float().item() * c; n += c
-    finally: model.train(was)
+            tot += loss.float().item() * c
+            n += c
     return dict(eval_loss=tot / max(n, 1))
 
 # %% ../nbs/02b_train.ipynb #7bdbf7a6
