@@ -7,6 +7,8 @@ Docs: https://ftcourse.github.io/ftcourse/methods.html.md"""
 # %% ../nbs/10b_methods.ipynb #848d33c2
 from __future__ import annotations
 import json, threading, time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 import torch
 from .core import set_seed
@@ -14,7 +16,7 @@ from .runs import (RunConfig, ConfigError, build_model, check_output_dir, is_mai
                            prepare_output_dir, save_trainable, validate_config, wait_for_everyone, write_csv)
 
 # %% auto #0
-__all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'fit', 'run', 'PeakRSS']
+__all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'loop_resumes', 'fit', 'run', 'PeakRSS']
 
 # %% ../nbs/10b_methods.ipynb #c0cae95c
 def _kind(method:str) -> str: return 'sft' if method == 'sft' else 'preference'
@@ -63,17 +65,20 @@ def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     from ftcourse.train import TrainConfig
     return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                        lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                       max_grad_norm=cfg.max_grad_norm or None, eval_every=cfg.eval_every,
-                       out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1, seed=cfg.seed, strategy=cfg.strategy,
+                       max_grad_norm=cfg.max_grad_norm or None, eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       mixed_precision=cfg.mixed_precision, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1,
+                       seed=cfg.seed, strategy=cfg.strategy,
                        log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None)
 
-def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128):
+def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128,
+              resume:bool=False, # continue from the latest checkpoint in cfg.out_dir
+             ):
     "Chapter 2: masked-label SFT of `model` on chat rows with the course's training loop."
     from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn
     from ftcourse.train import train
     train_data, _ = sft_dataset(train_rows, tok, max_len)
     eval_data = sft_dataset(eval_rows, tok, max_len)[0] if eval_rows else None
-    return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data)
+    return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data, resume=resume)
 
 # %% ../nbs/10b_methods.ipynb #88f468a9
 def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
@@ -88,22 +93,37 @@ def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
                           "raise sequence_len")
     return kept
 
+@contextmanager
+def loop_resumes(module, resume:bool):
+    "Inside, `module.train` (a chapter's import of the loop) resumes from the latest checkpoint in its `out_dir`."
+    # train_reward, train_dpo and train_orpo do not pass `resume` on to the loop: until they do, their module's `train`
+    # is the loop with resume=True for the length of the call
+    if not resume:
+        yield
+        return
+    from ftcourse.train import train
+    module.train = partial(train, resume=True)
+    try: yield
+    finally: module.train = train
+
 def _fit_sft(cfg, model, tok, train_rows, eval_rows, tcfg):
-    return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len)
+    return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len, resume=cfg.resume)
 
 def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
-    from ftcourse.reward import RewardModel, train_reward
-    rm = RewardModel.from_causal_lm(model)
-    return rm, train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
+    from ftcourse import reward
+    rm = reward.RewardModel.from_causal_lm(model)
+    with loop_resumes(reward, cfg.resume): return rm, reward.train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
 
 def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
-    from ftcourse.dpo import train_dpo
-    return model, train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
-                            max_len=cfg.sequence_len)
+    from ftcourse import dpo
+    with loop_resumes(dpo, cfg.resume):
+        return model, dpo.train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
+                                    max_len=cfg.sequence_len)
 
 def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
-    from ftcourse.orpo import train_orpo
-    return model, train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda, max_len=cfg.sequence_len)
+    from ftcourse import orpo
+    with loop_resumes(orpo, cfg.resume):
+        return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda, max_len=cfg.sequence_len)
 
 def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward
@@ -137,6 +157,7 @@ def run(cfg:RunConfig, device=None,
     "Train one run as `cfg` says; returns a summary (also written to `summary.json` in the run's folder)."
     from ftcourse.core import get_device
     from ftcourse.lora import count_trainable
+    from ftcourse.train import latest_checkpoint
     import os, resource
     validate_config(cfg)
     if cfg.strategy == 'fsdp' and int(os.environ.get('WORLD_SIZE', '1')) < 2:   # torchrun and accelerate set it
@@ -149,6 +170,7 @@ def run(cfg:RunConfig, device=None,
     set_seed(cfg.seed)
     model, tok = build_model(cfg, device, peft_loader=peft_loader)   # a model that cannot be had stops the run here too
     out = prepare_output_dir(cfg)
+    if cfg.resume and latest_checkpoint(out) is None: print(f"no checkpoint in {out} yet: the run starts at step 0")
     with mem: model, hist = fit(cfg, model, tok, train_rows, eval_rows, train_config(cfg, out))
     n_train = count_trainable(model)
     summary = dict(method=cfg.method, adapter=cfg.adapter, trainable_params=n_train, steps=cfg.steps,

@@ -13,16 +13,18 @@ import torch, torch.nn as nn
 from .core import DEFAULT_MODEL, load_model, set_seed, tiny_model
 
 # %% auto #0
-__all__ = ['METHODS', 'ADAPTERS', 'RUN_STRATEGIES', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError', 'option_types',
-           'check_method_options', 'validate_config', 'read_yaml', 'load_config', 'config_yaml', 'is_run_folder',
-           'is_peft_folder', 'is_main_process', 'wait_for_everyone', 'check_output_dir', 'prepare_output_dir',
-           'read_csv', 'write_csv', 'base_model', 'merge_adapters', 'read_run_config', 'add_adapter', 'save_trainable',
-           'load_trainable', 'build_model', 'load_run', 'load_reward_run']
+__all__ = ['METHODS', 'ADAPTERS', 'RUN_STRATEGIES', 'PRECISIONS', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError',
+           'option_types', 'check_method_options', 'validate_config', 'read_yaml', 'load_config', 'config_yaml',
+           'is_run_folder', 'is_peft_folder', 'is_main_process', 'wait_for_everyone', 'check_output_dir',
+           'check_resumable', 'prepare_output_dir', 'read_csv', 'write_csv', 'base_model', 'merge_adapters',
+           'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model', 'load_run',
+           'load_reward_run']
 
 # %% ../nbs/10a_runs.ipynb #6d85cebf
 METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
 ADAPTERS = ('lora', 'qlora', 'full')
 RUN_STRATEGIES = ('ddp', 'fsdp')
+PRECISIONS = ('auto', 'no', 'bf16', 'fp16')
 
 def _opt(default, help:str, **kw): return field(default=default, metadata=dict(help=help, **kw))
 
@@ -49,6 +51,7 @@ class RunConfig:
     warmup_steps:int = _opt(3, "warmup steps")
     weight_decay:float = _opt(0.0, "AdamW weight decay")
     max_grad_norm:float = _opt(1.0, "clip the gradient norm (0: no clipping)")
+    mixed_precision:str = _opt('auto', f"autocast: {', '.join(PRECISIONS)} ('auto': bf16 where the hardware runs it fast)")
     sequence_len:int = _opt(128, "longest sequence in tokens, prompt + response (longer rows are counted and reported)")
     eval_every:int = _opt(10, "evaluate on held-out rows every this many steps (0: never)")
     seed:int = _opt(0, "seed for the data order, initialisation and sampling")
@@ -60,6 +63,8 @@ class RunConfig:
     ppo_epochs:int = _opt(2, "ppo: passes over each rollout batch (in micro_batch_size minibatches, default half the batch)")
     output_dir:str|None = _opt(None, "where the run's files go (default: runs/<method>)")
     overwrite:bool = _opt(False, "replace an existing run in output_dir")
+    save_every:int = _opt(0, "save a resumable checkpoint every this many steps (0: only the last step's)")
+    resume:bool = _opt(False, "continue the run in output_dir from its latest complete checkpoint (its config.yaml's options)")
     log_with:str|None = _opt(None, "Accelerate trackers to log to as well, comma-separated: tensorboard, wandb, ...")
 
 # %% ../nbs/10a_runs.ipynb #214bded8
@@ -111,6 +116,9 @@ FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosi
                       weight_decay=(0.01, "train_ppo's AdamW uses torch's default weight decay, 0.01"),
                       eval_every=(0, "train_ppo does not evaluate on held-out rows"),
                       log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
+                      mixed_precision=('no', "train_ppo runs in the model's dtype, without autocast"),
+                      save_every=(0, "train_ppo's loop writes no checkpoints"),
+                      resume=(False, "train_ppo's loop writes no checkpoints to resume from"),
                       strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")))
 
 def check_method_options(cfg:RunConfig):
@@ -138,6 +146,10 @@ def validate_config(cfg:RunConfig) -> RunConfig:
     if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}")
     if cfg.learning_rate <= 0: raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.mixed_precision not in PRECISIONS:
+        raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {cfg.mixed_precision!r}")
+    if cfg.save_every < 0: raise ConfigError(f"save_every must be 0 or positive, got {cfg.save_every}")
+    if cfg.resume and cfg.overwrite: raise ConfigError("resume continues the run in output_dir, overwrite replaces it: pass one")
     check_method_options(cfg)
     if cfg.method == 'ppo' and cfg.sequence_len <= cfg.ppo_max_new_tokens:
         raise ConfigError(f"sequence_len={cfg.sequence_len} leaves no room for a prompt before "
@@ -216,19 +228,29 @@ def check_output_dir(cfg:RunConfig) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not (out/'config.yaml').exists():   # --overwrite replaces a run, never a folder of unrelated files
             raise ConfigError(f"output_dir={str(out)!r} holds files that are not a run: choose another output_dir")
-        if not cfg.overwrite:
+        if cfg.resume: check_resumable(cfg, out)
+        elif not cfg.overwrite:
             raise ConfigError(f"output_dir={str(out)!r} already holds another run: "
-                              "choose another output_dir or pass --overwrite")
+                              "choose another output_dir, pass --overwrite, or --resume to continue it")
     return out
 
+def check_resumable(cfg:RunConfig, out:Path):
+    "A `ConfigError` unless the run in `out` has `cfg`'s options (all but resume and overwrite): a resumed run is the same run."
+    saved, ours = asdict(read_run_config(out)), asdict(replace(cfg, output_dir=str(out)))
+    for k in ours:
+        if k not in ('resume', 'overwrite') and saved[k] != ours[k]:
+            raise ConfigError(f"output_dir={str(out)!r} holds a run with {k}={saved[k]!r}, not {ours[k]!r}: "
+                              f"resume it with its own options (--config {out/'config.yaml'} --resume)")
+
 def prepare_output_dir(cfg:RunConfig) -> Path:
-    "Check the run's folder, then (on the main process only) empty it if `overwrite` and write `config.yaml` into it."
+    "Check the run's folder, then (on the main process only) empty it if `overwrite` and write `config.yaml` (unless resuming)."
     out = check_output_dir(cfg)
     wait_for_everyone()      # every process has checked before the main one writes
     if is_main_process():
         if out.is_dir() and cfg.overwrite: shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out/'config.yaml').write_text(config_yaml(replace(cfg, output_dir=str(out))))
+        if not (cfg.resume and is_run_folder(out)):       # a resumed run keeps the config.yaml it started with
+            (out/'config.yaml').write_text(config_yaml(replace(cfg, output_dir=str(out))))
     wait_for_everyone()
     return out
 

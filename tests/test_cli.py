@@ -15,7 +15,7 @@ def cli(*argv):
         except SystemExit as x: rc = x.code
     return rc, o.getvalue(), e.getvalue()
 
-TINY = ['--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--batch-size', '4']
+TINY = ['--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--batch-size', '4', '--mixed-precision', 'no']
 
 def test_yaml_then_flags_and_the_saved_config_reproduces_the_run(tmp_path):
     (tmp_path/'run.yaml').write_text("method: sft\nmodel: tiny\nsteps: 9\nlora_r: 4\nlearning_rate: 1.0e-3\nn_eval: 8\neval_every: 0\n"
@@ -84,7 +84,7 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
     assert rc == 2 and 'not a run' in err and (other/'thesis.tex').read_text() == 'precious'
 
 def test_run_folder_restores_the_model_and_logs_every_step(tmp_path):
-    res = run(load_config(overrides=dict(model='tiny', steps=4, eval_every=2, n_eval=8, learning_rate=1e-3, output_dir=str(tmp_path/'r'),
+    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', steps=4, eval_every=2, n_eval=8, learning_rate=1e-3, output_dir=str(tmp_path/'r'),
                                          log_with='tensorboard')), device='cpu')
     m, tok = load_run(tmp_path/'r')
     x = torch.randint(0, len(tok), (2, 12))
@@ -99,7 +99,7 @@ def test_run_folder_restores_the_model_and_logs_every_step(tmp_path):
     assert summary['trainable_params'] == sum(t.numel() for t in load_file(tmp_path/'r'/'trainable.safetensors').values())
 
 def test_qlora_run_merges_into_its_dequantized_base(tmp_path):
-    res = run(load_config(overrides=dict(model='tiny', adapter='qlora', steps=2, eval_every=0, n_eval=8, learning_rate=1e-3,
+    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', adapter='qlora', steps=2, eval_every=0, n_eval=8, learning_rate=1e-3,
                                          output_dir=str(tmp_path/'q'))), device='cpu')
     m, tok = load_run(tmp_path/'q')
     x = torch.randint(0, len(tok), (2, 12))
@@ -134,7 +134,7 @@ def test_reward_and_dpo_runs_chain_off_the_sft_run(tmp_path):
     assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-3, '--warmup-steps', 0, '--output-dir', tmp_path/'sft')[0] == 0
     o = io.StringIO()
     with contextlib.redirect_stdout(o):
-        trained = run(load_config(overrides=dict(method='reward', model='tiny', n_eval=8, eval_every=0, batch_size=4, steps=2,
+        trained = run(load_config(overrides=dict(method='reward', model='tiny', mixed_precision='no', n_eval=8, eval_every=0, batch_size=4, steps=2,
                                                  base_run=str(tmp_path/'sft'), output_dir=str(tmp_path/'rm'))), device='cpu')
     assert 'pairs kept' in o.getvalue() and 'dropped' in o.getvalue()     # the data report is shown, drops counted
     rm, tok = load_reward_run(tmp_path/'rm')

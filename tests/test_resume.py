@@ -1,0 +1,76 @@
+"`--save-every` and `--resume`: a run killed with SIGKILL and resumed ends where the uninterrupted run ends."
+import contextlib, io, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+from ftcourse.cli import main
+from ftcourse.runs import read_csv
+
+def command(method, out, *extra):
+    "A tiny run's command line: fp32 (no autocast), so that it is the same computation in every process."
+    return [sys.executable, '-m', 'ftcourse.cli', method, '--model', 'tiny', '--n-eval', '8', '--eval-every', '6',
+            '--batch-size', '4', '--steps', '16', '--save-every', '4', '--learning-rate', '1e-3',
+            '--mixed-precision', 'no', '--output-dir', str(out), *extra]
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+
+def start(argv, log:Path):
+    return subprocess.Popen(argv, env=ENV, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+
+def kill_after_checkpoint(proc, out:Path, step:int, timeout:float=600):
+    "SIGKILL `proc` as soon as a checkpoint of step `step` or later exists in `out`; returns that checkpoint's step."
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name.split('-')[1]) for p in out.glob('checkpoint-*')]
+        if steps and max(steps) >= step:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return max(steps)
+        if proc.poll() is not None: pytest.fail(f"the run ended (status {proc.returncode}) before a checkpoint of step {step}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail('no checkpoint appeared')
+
+def without_time(rows): return [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+
+@pytest.mark.parametrize('method', ['sft', 'dpo'])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
+    whole = start(command(method, tmp_path/'whole'), tmp_path/'whole.log')        # the two run side by side
+    killed = start(command(method, tmp_path/'killed'), tmp_path/'killed.log')
+    at = kill_after_checkpoint(killed, tmp_path/'killed', 4)
+    assert killed.returncode == -signal.SIGKILL and at < 16
+    assert not (tmp_path/'killed'/'trainable.safetensors').exists()      # it died mid-run: no final weights
+    resumed = subprocess.run(command(method, tmp_path/'killed', '--resume'), env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
+    assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
+    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
+    assert [r['step'] for r in a if 'loss' in r] == list(range(1, 17)) and any('eval_loss' in r for r in a)
+    assert without_time(a) == without_time(b)                             # every loss, lr, norm and evaluation
+    wa, wb = load_file(tmp_path/'whole'/'trainable.safetensors'), load_file(tmp_path/'killed'/'trainable.safetensors')
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+def cli(*argv):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main([str(a) for a in argv])
+    return rc, o.getvalue(), e.getvalue()
+
+def test_resume_checks_the_folder_and_the_method(tmp_path):
+    "A resumed run is the same run: other options are refused; ppo's own loop cannot resume: one line, status 2."
+    tiny = ['--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '2', '--mixed-precision', 'no']
+    assert cli('sft', *tiny, '--output-dir', tmp_path/'r')[0] == 0
+    rc, out, err = cli('sft', *tiny, '--output-dir', tmp_path/'r')
+    assert rc == 2 and 'or --resume to continue it' in err
+    rc, out, err = cli('sft', *tiny, '--lora-r', '4', '--output-dir', tmp_path/'r', '--resume')
+    assert rc == 2 and 'holds a run with lora_r=8, not 4' in err and err.count('\n') == 1, err
+    assert cli('sft', '--config', tmp_path/'r'/'config.yaml', '--resume')[0] == 0      # its own options: nothing left to do
+    rc, out, err = cli('sft', *tiny, '--output-dir', tmp_path/'r', '--resume', '--overwrite')
+    assert rc == 2 and 'pass one' in err
+    for flags in (['--resume'], ['--save-every', '2']):
+        rc, out, err = cli('ppo', '--model', 'tiny', *flags, '--output-dir', tmp_path/'ppo')
+        assert rc == 2 and err.count('\n') == 1 and "train_ppo's loop writes no checkpoints" in err, err
+        assert not (tmp_path/'ppo').exists()
+    rc, out, err = cli('sft', *tiny, '--output-dir', tmp_path/'new', '--resume')      # nothing to resume: a fresh run
+    assert rc == 0 and 'the run starts at step 0' in out
