@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from .sft import IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['SavedTensors', 'saved_tensor_bytes', 'decoder_layers', 'Checkpointing', 'checkpoint_layers', 'checkpoint_segments',
-           'hf_checkpointing', 'loss_and_grads', 'grads_equal', 'fwd_bwd_seconds']
+           'hf_checkpointing', 'loss_and_grads', 'grads_equal', 'fwd_bwd_seconds', 'head_transform',
+           'ChunkedTokenLogps', 'chunked_logps', 'chunked_token_logps']
 
 # %% ../nbs/05_checkpointing.ipynb #c1add142
 def _storage_key(t:torch.Tensor):
@@ -167,3 +169,125 @@ def fwd_bwd_seconds(model:nn.Module, input_ids:torch.Tensor, setups:dict, repeat
                 t0 = time.perf_counter(); step(); dt = time.perf_counter() - t0
             if r >= warmup: times[name].append(dt)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+# %% ../nbs/05_checkpointing.ipynb #d8f87ce3
+_LOGIT_TRANSFORMS = ('final_logit_softcapping', 'logit_scale', 'logits_scaling')
+_NOT_THE_HEAD = ('output_', 'return_', 'attn_', 'attention_', 'router_')   # flags, and logits inside the layers
+
+def head_transform(config) -> dict:
+    "The final-logit transforms a transformers config asks for, as `dict(scale=..., softcap=...)`; refuses any other logit setting."
+    d = config.to_dict()
+    if isinstance(d.get('text_config'), dict): d = {**d, **d['text_config']}   # multimodal configs nest the language model's
+    unknown = [k for k, v in d.items() if 'logit' in k and k not in _LOGIT_TRANSFORMS and v not in (None, False, 0, 1)
+               and not k.startswith(_NOT_THE_HEAD)]
+    if unknown:
+        raise ValueError(f"{type(config).__name__} sets {unknown}: a logit transform the chunked head does not know. "
+                         "Compute log-probabilities from the model's own logits instead.")
+    scale = (d.get('logit_scale') or 1.0) / (d.get('logits_scaling') or 1.0)
+    return dict(scale=float(scale), softcap=d.get('final_logit_softcapping') or None)
+
+def _chunk_logits(h, weight, scale, softcap, temperature):
+    "A chunk's transformed logits in float32, and d(logits)/d(h Wᵀ) (a number, or a tensor under the cap)."
+    z = (h @ weight.T).float()
+    if scale != 1.0: z = z * scale
+    factor = scale
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+        factor = scale * (1 - t * t)   # d(c·tanh(x/c))/dx = 1 - tanh²(x/c)
+    if temperature != 1.0:
+        z = z / temperature
+        factor = factor / temperature
+    return z, factor
+
+def _is_one(factor): return isinstance(factor, float) and factor == 1.0
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ)[target] for N rows of hidden states, taken in chunks of rows: no (N, V) tensor is kept.
+    Backward recomputes each chunk's logits; with a frozen `weight`, forward computes the input's gradient direction
+    Wᵀ(onehot - p) instead, and backward only scales it."""
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, scale, softcap, temperature):
+        N = hidden.shape[0]
+        logps = hidden.new_empty(N, dtype=torch.float32)
+        lse = hidden.new_empty(N, dtype=torch.float32)
+        fused = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_dir = hidden.new_empty(hidden.shape, dtype=torch.float32) if fused else None
+        for s in range(0, N, chunk_size):
+            h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+            z, factor = _chunk_logits(h, weight, scale, softcap, temperature)
+            lse[s:s + chunk_size] = z.logsumexp(-1)
+            logps[s:s + chunk_size] = z.gather(-1, y[:, None]).squeeze(-1) - lse[s:s + chunk_size]
+            if fused:
+                dz = z.sub_(lse[s:s + chunk_size, None]).exp_().neg_()   # -softmax, in place: z is not needed any more
+                dz[torch.arange(len(y)), y] += 1                         # onehot - softmax = d logp / dz
+                if not _is_one(factor): dz = dz * factor
+                grad_dir[s:s + chunk_size] = dz.to(weight.dtype) @ weight
+        ctx.chunk_size, ctx.transform, ctx.fused = chunk_size, (scale, softcap, temperature), fused
+        if fused: ctx.save_for_backward(grad_dir)
+        else: ctx.save_for_backward(hidden, weight, targets, lse)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        if ctx.fused:
+            (grad_dir,) = ctx.saved_tensors
+            return grad_logps[:, None] * grad_dir, None, None, None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        c = ctx.chunk_size
+        for s in range(0, hidden.shape[0], c):
+            h, y, g = hidden[s:s + c], targets[s:s + c], grad_logps[s:s + c]
+            z, factor = _chunk_logits(h, weight, *ctx.transform)     # recomputed, not stored
+            dz = z.sub_(lse[s:s + c, None]).exp_().mul_(-g[:, None])  # -g·softmax
+            dz[torch.arange(len(y)), y] += g                          # + g·onehot
+            if not _is_one(factor): dz = dz * factor
+            dz = dz.to(weight.dtype)
+            if grad_h is not None: torch.mm(dz, weight, out=grad_h[s:s + c])
+            if grad_w is not None: grad_w.addmm_(dz.T.float(), h.float())   # accumulated in place, in float32
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+
+def chunked_logps(hidden:torch.Tensor, # (N, d) hidden states of the labelled positions only
+                  weight:torch.Tensor, # (V, d) the output layer's weight
+                  targets:torch.Tensor, # (N,) the token each position predicts, in [0, V)
+                  chunk_size:int=256, # positions per chunk: the largest logits tensor is (chunk_size, V)
+                  scale:float=1.0, softcap:float|None=None, temperature:float=1.0, # final-logit transforms (`head_transform`)
+                 ) -> torch.Tensor:
+    "log softmax(transform(hidden @ weightᵀ))[targets], shape (N,), in float32, without keeping any (N, V) tensor."
+    if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden (N, d) and targets (N,) expected, got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if chunk_size < 1: raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if len(targets) and (targets.min() < 0 or targets.max() >= weight.shape[0]):
+        raise ValueError(f"targets must be in [0, {weight.shape[0]}): select the labelled positions (labels != -100) first")
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):   # what autocast does to a linear layer: both operands in its dtype
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+    with torch.autocast(dev, enabled=False):
+        return ChunkedTokenLogps.apply(hidden, weight, targets, chunk_size, scale, softcap, temperature)
+
+# %% ../nbs/05_checkpointing.ipynb #bdac963b
+def _backbone_and_head(model):
+    m = getattr(model, 'module', model)                       # DDP and Accelerate wrappers
+    if hasattr(m, 'get_base_model'): m = m.get_base_model()   # a peft model
+    head = m.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise ValueError(f"the output layer is {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}: "
+                         "the chunked head needs a plain nn.Linear without bias (no adapter on lm_head)")
+    return m.get_decoder(), head, head_transform(m.config)
+
+def chunked_token_logps(model:nn.Module, # a transformers causal LM (or a peft model around one)
+                        input_ids:torch.Tensor, attention_mask:torch.Tensor|None, # (B, T)
+                        labels:torch.Tensor, # (B, T) target ids, -100 where no loss; shifted inside, as `token_logps` does
+                        chunk_size:int=256, # labelled positions per chunk of the output layer
+                        temperature:float=1.0, # divides the (transformed) logits, as sampling did
+                        **backbone_kwargs, # e.g. `position_ids`
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Per-token log-probabilities of the shifted labels (0 where masked) and the mask, both (B, T-1): `token_logps(model(...).logits, labels)` without (B, T, V) logits."
+    backbone, head, tf = _backbone_and_head(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_kwargs).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    lp = chunked_logps(hidden[:, :-1][mask], head.weight, targets[mask], chunk_size, tf['scale'], tf['softcap'], temperature)
+    return lp.new_zeros(mask.shape).masked_scatter(mask, lp), mask
