@@ -1,4 +1,4 @@
-"""The RLHF loop from scratch: sample responses, score them with the reward model, penalize drifting from the reference policy token by token, estimate advantages with a value head and GAE, and update with PPO's clipped objectives. Each piece is checked by hand and against a plain loop; then it runs on the real model.
+"""The RLHF loop from scratch, built up from a twenty-line PPO step: sample responses, score them, penalize drifting from the reference policy token by token, estimate advantages with a value head and GAE, and update with PPO's clipped objectives. Each piece is checked by hand and against a plain loop; then PPO trains chapter 3's SFT model with the judge as its reward, measured on held-out questions.
 
 Docs: https://ftcourse.github.io/ftcourse/ppo.html.md"""
 
@@ -11,7 +11,7 @@ from copy import deepcopy
 from dataclasses import dataclass, asdict
 import torch, torch.nn.functional as F
 from torch import nn
-from .core import set_seed
+from .core import set_seed, autocast, eval_mode
 from .data import judge
 from .generate import generate
 from .lora import lora_layers, adapters_disabled
@@ -195,6 +195,7 @@ class PPOConfig:
     whiten_rewards:bool = False        # whiten the per-token rewards before GAE
     max_grad_norm:float|None = 1.0     # clip the gradient norm of each minibatch step
     missing_eos_penalty:float|None = None  # subtracted from the score of a response that never stops
+    mixed_precision:str = 'no'         # 'no' (fp32), 'bf16', 'fp16' or 'auto': autocast of rollouts, forwards and backwards
     seed:int = 0                       # prompts order, sampling, minibatch order
     progress:bool = True               # print one line per iteration
 
@@ -208,14 +209,14 @@ def reward_model_reward(rm, tok, batch_size:int=8):
     pid = pad_id(tok)
     @torch.no_grad()
     def reward_fn(rows, responses):
-        was = rm.training; rm.eval(); dev = next(rm.parameters()).device; out = []
-        try:
+        dev, out = next(rm.parameters()).device, []
+        with eval_mode(rm):
             for i in range(0, len(rows), batch_size):
                 ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])
                        for r, a in zip(rows[i:i + batch_size], responses[i:i + batch_size])]
-                x = pad_sequences(ids, pid).to(dev); m = pad_sequences([[1] * len(s) for s in ids], 0).to(dev)
+                x = pad_sequences(ids, pid).to(dev)
+                m = pad_sequences([[1] * len(s) for s in ids], 0).to(dev)
                 out.append(rm(x, m).float().cpu())
-        finally: rm.train(was)
         return torch.cat(out)
     return reward_fn
 
@@ -226,10 +227,9 @@ def rollout(model, tok, rows:list[dict], cfg:PPOConfig, generator:torch.Generato
     pid, dev = pad_id(tok), next(model.parameters()).device
     prompts = [chat_ids(tok, prompt_messages(r), add_generation_prompt=True) for r in rows]
     x = pad_sequences(prompts, pid, 'left').to(dev); pm = pad_sequences([[1] * len(p) for p in prompts], 0, 'left').to(dev)
-    was = model.training; model.eval()
-    try: ids = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        attention_mask=pm, generator=generator, eos_token_id=tok.eos_token_id, pad_token_id=pid)
-    finally: model.train(was)
+    with eval_mode(model), autocast(dev, cfg.mixed_precision):
+        ids = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                       attention_mask=pm, generator=generator, eos_token_id=tok.eos_token_id, pad_token_id=pid)
     resp = ids[:, x.shape[1]:]
     rmask = response_mask(resp, tok.eos_token_id)
     texts = [tok.decode(r[:int(n)], skip_special_tokens=True).strip() for r, n in zip(resp, rmask.sum(1))]
@@ -268,8 +268,9 @@ def train_ppo(policy, # a causal LM; with LoRA layers, the reference is the same
         with torch.no_grad():
             ro = rollout(policy, tok, batch, cfg, gen)
             ids, mask, rm, P = ro['ids'], ro['mask'], ro['response_mask'], ro['n_prompt']
-            old = forward_policy(policy, vh, ids, mask, P, cfg.temperature)
-            with ref_ctx(): ref_lp = forward_policy(ref, None, ids, mask, P, cfg.temperature)['logprobs']
+            with autocast(dev, cfg.mixed_precision):
+                old = forward_policy(policy, vh, ids, mask, P, cfg.temperature)
+                with ref_ctx(): ref_lp = forward_policy(ref, None, ids, mask, P, cfg.temperature)['logprobs']
             scores = reward_fn(batch, ro['texts']).to(dev).float()
             if cfg.missing_eos_penalty is not None: scores = scores - cfg.missing_eos_penalty * (~ro['ended']).float()
             rewards, kl = kl_penalized_rewards(scores, old['logprobs'] * rm, ref_lp * rm, rm, cfg.kl_coef)
@@ -281,7 +282,8 @@ def train_ppo(policy, # a causal LM; with LoRA layers, the reference is the same
             perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + ep))
             for s in range(0, cfg.batch_size, cfg.mini_batch_size):
                 i = perm[s:s + cfg.mini_batch_size].to(dev)
-                new = forward_policy(policy, vh, ids[i], mask[i], P, cfg.temperature, entropy=True)
+                with autocast(dev, cfg.mixed_precision):
+                    new = forward_policy(policy, vh, ids[i], mask[i], P, cfg.temperature, entropy=True)
                 pl, ps = policy_loss(new['logprobs'], old['logprobs'][i], adv[i], rm[i], cfg.clip_range)
                 vl, vs = value_loss(new['values'], old['values'][i], ret[i], rm[i], cfg.clip_range_value)
                 ent = masked_mean(new['entropy'], rm[i])

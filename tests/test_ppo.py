@@ -212,3 +212,24 @@ def test_reward_fns():
     model, tok = tiny_model(); rm = RewardModel.from_causal_lm(model)
     s = reward_model_reward(rm, tok, batch_size=2)(rows, ['a', 'bb', 'ccc'])
     assert s.shape == (3,) and torch.isfinite(s).all()
+
+def test_rollout_restores_each_mode():
+    "rollout samples in evaluation mode and gives the model back in the mode it came in."
+    model, tok = tiny_model()
+    rows = list(load_course_dataset('sft', 'train').select(range(2)))
+    for training in (True, False):
+        model.train(training)
+        rollout(model, tok, rows, PPOConfig(max_new_tokens=3), torch.Generator().manual_seed(0))
+        assert model.training == training
+
+def test_train_ppo_under_bf16_autocast_and_bad_precision():
+    "mixed_precision='bf16' runs rollouts, forwards and backwards under autocast; the first KL is still that of equal models."
+    model, tok = tiny_model(); apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+    rows = list(load_course_dataset('sft', 'train').select(range(4)))
+    cfg = PPOConfig(iterations=2, batch_size=4, mini_batch_size=2, max_new_tokens=4, lr=1e-2, mixed_precision='bf16', progress=False)
+    h = train_ppo(model, tok, rows, lambda rows, responses: torch.tensor([len(a) / 10 for a in responses]), cfg)
+    assert h[0]['kl'] == 0.0                                   # the adapters add an exact 0, in bf16 too
+    assert all(math.isfinite(r['pg_loss']) and math.isfinite(r['vf_loss']) for r in h)
+    assert all(p.dtype == torch.float32 for p in model.parameters())   # autocast: the weights stay fp32
+    with pytest.raises(ValueError, match='precision'):
+        train_ppo(model, tok, rows, judge_reward, PPOConfig(iterations=1, batch_size=2, mini_batch_size=1, mixed_precision='fp8'))
