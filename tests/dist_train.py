@@ -32,7 +32,7 @@ def masked(exs):
     return out
 
 CLI_ARGS = ['sft', '--model', 'tiny', '--adapter', 'full', '--steps', '3', '--batch-size', '4', '--warmup-steps', '0',
-            '--learning-rate', '1e-3', '--n-eval', '8', '--eval-every', '0']
+            '--learning-rate', '1e-3', '--n-eval', '8', '--eval-every', '0', '--mixed-precision', 'no']
 
 def record_writes(watched:str, writes:list):
     "Record in `writes` each change under `watched`: files opened for writing, folders made, renamed or removed."

@@ -22,7 +22,7 @@ def _grads(data, micro, batch=4):
     def spy(self, *a, **k):
         grads.update({n: p.grad.clone() for n, p in m.named_parameters()}); return orig(self, *a, **k)
     torch.optim.AdamW.step = spy
-    try: train(m, sft_loss_fn, exs, TrainConfig(steps=1, batch_size=batch, micro_batch_size=micro, max_grad_norm=None, eval_every=0, progress=False), collate_fn=coll)
+    try: train(m, sft_loss_fn, exs, TrainConfig(steps=1, batch_size=batch, micro_batch_size=micro, max_grad_norm=None, eval_every=0, progress=False, mixed_precision="no"), collate_fn=coll)
     finally: torch.optim.AdamW.step = orig
     return grads
 
@@ -62,7 +62,7 @@ def _run(data, out_dir, crash_at=None, resume=False, steps=6):
         if crash_at and calls['n'] == crash_at: raise RuntimeError('simulated crash')
         return sft_loss_fn(model, b)
     cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=2, save_every=2, eval_every=3,
-                      out_dir=str(out_dir), progress=False)
+                      out_dir=str(out_dir), progress=False, mixed_precision="no")
     try: h = train(m, loss_fn, exs, cfg, collate_fn=coll, eval_data=exs[:8], resume=resume)
     except RuntimeError: h = None
     return m, h
