@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['top_k_filter', 'top_p_filter', 'next_token_probs', 'sample_next', 'generate', 'layer_params', 'decode_step_flops']
+__all__ = ['top_k_filter', 'top_p_filter', 'next_token_probs', 'sample_next', 'KVCache', 'rope', 'cached_attention', 'rope_theta',
+           'forward_with_cache', 'cache_arg', 'output_cache', 'greedy_with_cache', 'generate', 'layer_params',
+           'decode_step_flops']
 
 # %% ../nbs/01_autoregression.ipynb #3933581a
 def top_k_filter(logits:torch.Tensor, # [..., vocab] scores
@@ -66,18 +68,130 @@ def sample_next(logits:torch.Tensor, # [batch, vocab] (or [vocab]) scores of the
     flat = probs.reshape(-1, probs.size(-1))
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
-# %% ../nbs/01_autoregression.ipynb #b248588c
-def _cache_arg(model) -> str:
+# %% ../nbs/01_autoregression.ipynb #ef4b8b2d
+class KVCache:
+    "The keys and values of every position seen so far, one pair of tensors per layer, grown by `append` at each step."
+    def __init__(self, n_layers:int): # one (keys, values) pair per transformer layer
+        self.keys, self.values = [None] * n_layers, [None] * n_layers
+
+    def append(self, layer:int, # which layer's cache
+               k:torch.Tensor, # [batch, kv_heads, new positions, head_dim], after RoPE
+               v:torch.Tensor, # [batch, kv_heads, new positions, head_dim]
+              ) -> tuple[torch.Tensor, torch.Tensor]: # all keys and values of `layer`, old then new
+        "Store the new positions' keys and values after the old ones; return everything the layer has seen."
+        if self.keys[layer] is None: self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)        # dim 2: positions
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def __len__(self): return 0 if self.keys[-1] is None else self.keys[-1].shape[2]   # positions held
+
+    def nbytes(self) -> int:
+        "Bytes held by the cache's tensors."
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+# %% ../nbs/01_autoregression.ipynb #4e6cd7f6
+def rope(x:torch.Tensor, # [batch, heads, positions, head_dim] queries or keys
+         pos:torch.Tensor, # [batch, positions] the position of each token
+         theta:float, # the RoPE base (`rope_theta` in the config)
+        ) -> torch.Tensor:
+    "Rotary position embedding: rotate each pair of dimensions (i, i + d/2) by the angle pos · theta^(-2i/d)."
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float, device=x.device) / d)
+    angle = pos[:, None, :, None].float() * inv_freq                 # [batch, 1, positions, d/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+def cached_attention(attn, # a Llama attention module: we use its four projections
+                     x:torch.Tensor, # [batch, new positions, hidden] the layer's normalized input
+                     pos:torch.Tensor, # [batch, new positions] their positions
+                     cache:KVCache, # the past keys and values; extended in place
+                     layer:int, # this layer's index in `cache`
+                     theta:float, # RoPE base
+                    ) -> torch.Tensor: # [batch, new positions, hidden]
+    "Causal attention of the new positions over the cached past and themselves, with RoPE and grouped-query heads."
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, T, -1, hd).transpose(1, 2)             # [B, heads, T, hd]
+    k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)             # [B, kv_heads, T, hd]
+    v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+    q, k = rope(q, pos, theta), rope(k, pos, theta)
+    k, v = cache.append(layer, k, v)                                  # [B, kv_heads, past + T, hd]
+    groups = q.shape[1] // k.shape[1]                                 # query heads per key/value head
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-2, -1) * hd ** -0.5                     # [B, heads, T, past + T]
+    past = k.shape[2] - T
+    # new position i (0-based) sits at past + i and sees keys 0 .. past + i: a lower triangle shifted by `past`
+    visible = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+    weights = scores.masked_fill(~visible, float('-inf')).softmax(-1, dtype=torch.float32).to(v.dtype)
+    return attn.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))
+
+# %% ../nbs/01_autoregression.ipynb #5471c5d4
+def rope_theta(config) -> float:
+    "The RoPE base of a Llama-style config; scaled RoPE variants (linear, dynamic, YaRN, llama3) are refused."
+    rp = getattr(config, 'rope_parameters', None) or {'rope_type': 'default', 'rope_theta': config.rope_theta}
+    if rp.get('rope_type', 'default') != 'default':
+        raise ValueError(f"the from-scratch attention implements plain RoPE, not rope_type={rp['rope_type']!r}")
+    return float(rp['rope_theta'])
+
+@torch.no_grad()
+def forward_with_cache(model, # a Llama-architecture causal LM from transformers (SmolLM2, Llama, ...)
+                       input_ids:torch.Tensor, # [batch, new positions] tokens not yet in `cache`, no padding
+                       cache:KVCache, # keys and values of the earlier positions; extended in place
+                      ) -> torch.Tensor: # [batch, new positions, vocab] logits
+    "The model's forward pass with `cached_attention` in each layer: its own embedding, norms, MLPs and output head."
+    inner, theta = model.model, rope_theta(model.config)
+    B, T = input_ids.shape
+    pos = torch.arange(len(cache), len(cache) + T, device=input_ids.device).expand(B, T)
+    h = inner.embed_tokens(input_ids)
+    for i, layer in enumerate(inner.layers):
+        h = h + cached_attention(layer.self_attn, layer.input_layernorm(h), pos, cache, i, theta)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(inner.norm(h))
+
+# %% ../nbs/01_autoregression.ipynb #d8306958
+def cache_arg(model) -> str:
     "The name of the forward argument that takes the KV cache: `cache` (transformers >= 5.x) or `past_key_values`."
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
-def _out_cache(out):
+def output_cache(out): # a forward pass's output (a ModelOutput or a dict)
+    "The KV cache that a forward pass with `use_cache=True` returned, under either name."
     return out['cache'] if 'cache' in out else out['past_key_values']
 
+_cache_arg, _out_cache = cache_arg, output_cache   # the former private names, still imported by other modules
+
+# %% ../nbs/01_autoregression.ipynb #728c7f1f
 def _eos_ids(model, eos_token_id) -> list[int]:
     eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
     return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
+@torch.no_grad()
+def greedy_with_cache(model, # a Llama-architecture causal LM
+                      input_ids:torch.Tensor, # [batch, prompt_len] prompts of equal length (no padding)
+                      max_new_tokens:int, # generate at most this many tokens
+                      eos_token_id:int|list[int]|None=None, # None: the model's generation_config; []: never stop
+                     ) -> torch.Tensor: # [batch, prompt_len + new tokens]
+    "Greedy decoding on `forward_with_cache` and a `KVCache`: one prefill of the prompts, then one token per step."
+    if max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if input_ids.dim() != 2: raise ValueError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
+    cache = KVCache(model.config.num_hidden_layers)
+    eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=input_ids.device)
+    pad = model.generation_config.pad_token_id
+    if pad is None: pad = int(eos[0]) if len(eos) else 0
+    ids, step = input_ids, input_ids                                  # prefill: the whole prompt, once
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        nxt = forward_with_cache(model, step, cache)[:, -1].float().argmax(-1)
+        nxt = nxt.masked_fill(done, pad)                              # finished rows only pad
+        ids = torch.cat([ids, nxt[:, None]], -1)
+        done |= torch.isin(nxt, eos)
+        if done.all(): break
+        step = nxt[:, None]                                           # decode: only the new token
+    return ids
+
+# %% ../nbs/01_autoregression.ipynb #b248588c
 @torch.no_grad()
 def generate(model, # a causal LM from transformers (anything whose forward takes input_ids, attention_mask, position_ids and a cache)
              input_ids:torch.Tensor, # [batch, prompt_len] prompt token ids, left-padded if the batch has padding
@@ -102,11 +216,11 @@ def generate(model, # a causal LM from transformers (anything whose forward take
     pos = ((mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) if mask is not None
            else torch.arange(T, device=dev).expand(B, T))
     extra = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(model.forward).parameters else {}
-    cache_arg, cache = _cache_arg(model), None
+    arg, cache = cache_arg(model), None
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     step_ids, step_pos = ids, pos                         # what the next forward pass sees
     for _ in range(max_new_tokens):
-        kw = {cache_arg: cache} if cache is not None else {}
+        kw = {arg: cache} if cache is not None else {}
         out = model(step_ids, attention_mask=mask, position_ids=step_pos, use_cache=use_cache, **kw, **extra)
         logits = out.logits[:, -1].float()
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -115,7 +229,7 @@ def generate(model, # a causal LM from transformers (anything whose forward take
         done |= torch.isin(nxt, eos)
         if mask is not None: mask = torch.cat([mask, mask.new_ones(B, 1)], -1)
         pos = torch.cat([pos, pos[:, -1:] + 1], -1)
-        if use_cache: cache, step_ids, step_pos = _out_cache(out), nxt[:, None], pos[:, -1:]   # only the new token
+        if use_cache: cache, step_ids, step_pos = output_cache(out), nxt[:, None], pos[:, -1:]   # only the new token
         else: step_ids, step_pos = ids, pos                                                   # everything, again
         if done.all(): break
     return ids

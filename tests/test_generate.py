@@ -3,7 +3,8 @@ import os, pytest, torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper, TemperatureLogitsWarper
 from ftcourse.core import tiny_model, load_model, set_seed
 from ftcourse.generate import (top_k_filter, top_p_filter, next_token_probs, sample_next, generate,
-                               layer_params, decode_step_flops)
+                               layer_params, decode_step_flops, KVCache, forward_with_cache, greedy_with_cache,
+                               rope_theta, cache_arg, output_cache)
 
 # On an oversubscribed machine (a shared CI runner), one thread avoids threads spinning against each other.
 if hasattr(os, 'getloadavg') and os.getloadavg()[0] > (os.cpu_count() or 1): torch.set_num_threads(1)
@@ -175,6 +176,79 @@ def test_sampling_equals_hf_real(real):
     set_seed(4); ref = m.generate(ids, do_sample=True, temperature=0.9, top_k=30, top_p=0.9, max_new_tokens=8)
     set_seed(4); mine = generate(m, ids, 8, temperature=0.9, top_k=30, top_p=0.9)
     assert torch.equal(mine, ref)
+
+# --- the from-scratch KV cache: logits and tokens equal the model's ---------------------------------------------
+
+@pytest.mark.parametrize('seed', range(3))
+def test_forward_with_cache_equals_model_tiny(tiny, seed):
+    "Prefill in one or several chunks, then decode steps: every position's logits equal a full forward pass (fp32, 1e-5)."
+    m, tok = tiny
+    x = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(): ref = m(x).logits
+    for chunks in [(12,), (5, 4, 3), (7,) + (1,) * 5]:
+        cache, out, start = KVCache(m.config.num_hidden_layers), [], 0
+        for n in chunks:
+            out.append(forward_with_cache(m, x[:, start:start + n], cache))
+            start += n
+        assert len(cache) == 12 and cache.keys[0].shape == (2, m.config.num_key_value_heads, 12, m.config.head_dim)
+        assert torch.allclose(torch.cat(out, 1), ref, atol=1e-5), chunks
+
+def test_cache_holds_the_models_keys_tiny(tiny):
+    m, tok = tiny
+    x = torch.randint(3, len(tok), (1, 9), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(m.config.num_hidden_layers)
+    forward_with_cache(m, x, cache)
+    with torch.no_grad(): hf = output_cache(m(x, use_cache=True))
+    for layer, theirs in enumerate(hf.layers):
+        assert torch.allclose(cache.keys[layer], theirs.keys, atol=1e-5)
+        assert torch.allclose(cache.values[layer], theirs.values, atol=1e-5)
+
+def test_greedy_with_cache_equals_hf_tiny(tiny):
+    m, tok = tiny
+    for seed in range(3):
+        x = torch.randint(3, len(tok), (2, 4 + 3 * seed), generator=torch.Generator().manual_seed(seed))
+        ref = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=20)
+        assert torch.equal(greedy_with_cache(m, x, 20), ref)
+
+def test_greedy_with_cache_stops_at_eos_tiny(tiny):
+    m, tok = tiny
+    x = torch.randint(3, len(tok), (2, 6), generator=torch.Generator().manual_seed(7))
+    free = greedy_with_cache(m, x, 12, eos_token_id=[])
+    eos = int(free[0, 6 + 2])                       # a token row 0 produces at step 3: call it EOS
+    ref = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=m.generation_config.pad_token_id)
+    assert torch.equal(greedy_with_cache(m, x, 12, eos_token_id=eos), ref)
+    assert greedy_with_cache(m, x, 0).shape == x.shape
+
+def test_cache_bytes_formula_tiny(tiny):
+    "The cache grows by 2 * layers * kv_heads * head_dim * bytes per token, in fp32 and in bf16."
+    m, tok = tiny
+    c = m.config
+    x = torch.randint(3, len(tok), (3, 5), generator=torch.Generator().manual_seed(0))
+    for dtype in [torch.float32, torch.bfloat16]:
+        cache = KVCache(c.num_hidden_layers)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            forward_with_cache(m, x, cache)
+            for step in range(3):
+                forward_with_cache(m, x[:, :1], cache)
+                per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * cache.keys[0].element_size()
+                assert cache.keys[0].dtype == dtype and cache.nbytes() == 3 * (6 + step) * per_token
+
+def test_kv_cache_bad_input(tiny):
+    m, tok = tiny
+    with pytest.raises(ValueError): greedy_with_cache(m, torch.tensor([[5, 6]]), -1)
+    with pytest.raises(ValueError): greedy_with_cache(m, torch.tensor([5, 6]), 3)
+    cfg = m.config.__class__.from_dict({**m.config.to_dict(), 'rope_parameters': {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}})
+    with pytest.raises(ValueError, match='rope_type'): rope_theta(cfg)
+    assert rope_theta(m.config) == m.config.rope_parameters['rope_theta'] and len(KVCache(2)) == 0
+
+def test_cache_arg_names_the_forward_argument(tiny):
+    import inspect
+    assert cache_arg(tiny[0]) in inspect.signature(tiny[0].forward).parameters
+
+@pytest.mark.slow
+def test_greedy_with_cache_equals_hf_real(real):
+    m, tok, ids = real
+    assert torch.equal(greedy_with_cache(m, ids, 10), m.generate(ids, do_sample=False, max_new_tokens=10))
 
 # --- FLOP count ------------------------------------------------------------------------------------------------
 
