@@ -175,7 +175,7 @@ def greedy_with_cache(model, # a Llama-architecture causal LM
                      ) -> torch.Tensor: # [batch, prompt_len + new tokens]
     "Greedy decoding on `forward_with_cache` and a `KVCache`: one prefill of the prompts, then one token per step."
     if max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if input_ids.dim() != 2: raise ValueError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2: raise ValueError(f"input_ids must be [batch, prompt_len], got {tuple(input_ids.shape)}")
     cache = KVCache(model.config.num_hidden_layers)
     eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=input_ids.device)
     pad = model.generation_config.pad_token_id

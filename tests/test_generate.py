@@ -181,7 +181,7 @@ def test_sampling_equals_hf_real(real):
 
 @pytest.mark.parametrize('seed', range(3))
 def test_forward_with_cache_equals_model_tiny(tiny, seed):
-    "Prefill in one or several chunks, then decode steps: every position's logits equal a full forward pass (fp32, 1e-5)."
+    "Prefill in one or several chunks, then decode steps: the logits equal a full forward pass (fp32, 1e-5)."
     m, tok = tiny
     x = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(): ref = m(x).logits
@@ -215,7 +215,8 @@ def test_greedy_with_cache_stops_at_eos_tiny(tiny):
     x = torch.randint(3, len(tok), (2, 6), generator=torch.Generator().manual_seed(7))
     free = greedy_with_cache(m, x, 12, eos_token_id=[])
     eos = int(free[0, 6 + 2])                       # a token row 0 produces at step 3: call it EOS
-    ref = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=m.generation_config.pad_token_id)
+    ref = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12, eos_token_id=eos,
+                     pad_token_id=m.generation_config.pad_token_id)
     assert torch.equal(greedy_with_cache(m, x, 12, eos_token_id=eos), ref)
     assert greedy_with_cache(m, x, 0).shape == x.shape
 
@@ -237,7 +238,8 @@ def test_kv_cache_bad_input(tiny):
     m, tok = tiny
     with pytest.raises(ValueError): greedy_with_cache(m, torch.tensor([[5, 6]]), -1)
     with pytest.raises(ValueError): greedy_with_cache(m, torch.tensor([5, 6]), 3)
-    cfg = m.config.__class__.from_dict({**m.config.to_dict(), 'rope_parameters': {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}})
+    scaled = {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}
+    cfg = m.config.__class__.from_dict({**m.config.to_dict(), 'rope_parameters': scaled})
     with pytest.raises(ValueError, match='rope_type'): rope_theta(cfg)
     assert rope_theta(m.config) == m.config.rope_parameters['rope_theta'] and len(KVCache(2)) == 0
 
