@@ -19,7 +19,7 @@ from .generate import generate
 __all__ = ['wilson_interval', 'paired_test', 'pass_at_k', 'JudgeResult', 'judge_eval', 'compare', 'compare_table', 'task_table',
            'plot_scores', 'sample_responses', 'sampled_eval']
 
-# %% ../nbs/02ab_evaluate.ipynb #efe4bc75
+# %% ../nbs/02ab_evaluate.ipynb #16a51295
 def wilson_interval(successes:int, # number of successes (correct answers)
                     n:int, # number of trials (questions), > 0
                     confidence:float=0.95, # coverage of the interval, in (0, 1)
