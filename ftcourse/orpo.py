@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
+from .core import eval_mode
 from .sft import IGNORE_INDEX
 from .train import TrainConfig, train, History
-from .dpo import (concatenated_logps, token_logps, collate_dpo, pair_metrics, evaluate_pairs, compare_metrics,
+from .reward import pair_metrics, pair_len
+from .dpo import (concatenated_logps, token_logps, collate_dpo, evaluate_pairs, compare_metrics,
                           preference_metrics, _examples)
 
 # %% auto #0
 __all__ = ['TRL_ORPO_METRICS', 'log1mexp', 'log_odds', 'orpo_loss', 'orpo_loss_fn', 'trl_orpo_trainer', 'trl_orpo_batch',
-           'train_orpo', 'step_memory']
+           'train_orpo', 'step_memory', 'logp_preferences']
 
 # %% ../nbs/09_orpo.ipynb #b295bde3
 def log1mexp(x:torch.Tensor # values ≤ 0
@@ -140,4 +142,20 @@ def step_memory(model, loss_fn, batch:dict, # the policy, a `loss_fn(model, batc
     ref = sum(p.numel() * p.element_size() for p in ref_model.parameters()) if ref_model is not None else 0
     out = dict(activations=st.unique, reference=ref, total=st.unique + ref)
     if cuda: out['cuda_peak'] = torch.cuda.max_memory_allocated()
+    return out
+
+# %% ../nbs/09_orpo.ipynb #f9a10005
+@torch.no_grad()
+def logp_preferences(model, tok, rows, # a causal LM, its tokenizer, preference rows (or examples from `preference_dataset`)
+                     batch_size:int=16, max_len:int=128) -> list[int]:
+    "Per pair, in row order: 1 if the chosen answer's mean log-probability per token is above the rejected one's, else 0."
+    exs = _examples(rows, tok, max_len, False)
+    order = sorted(range(len(exs)), key=lambda i: pair_len(exs[i]), reverse=True)   # least padding
+    col, dev, out = collate_dpo(tok), next(model.parameters()).device, [0] * len(exs)
+    with eval_mode(model):
+        for i in range(0, len(order), batch_size):
+            ids = order[i:i + batch_size]
+            b = col([exs[j] for j in ids])
+            lp = concatenated_logps(model, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}, average=True)
+            for j, c, r in zip(ids, lp['chosen'].tolist(), lp['rejected'].tolist()): out[j] = int(c > r)
     return out

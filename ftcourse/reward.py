@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn
+from .core import eval_mode
 from .sft import preference_dataset, collate_preference, pad_id, pad_sequences, chat_ids, prompt_messages
 from .train import TrainConfig, train, History, plot_history
 
 # %% auto #0
 __all__ = ['pair_len', 'split_pairs', 'collate_pairs', 'last_token_index', 'RewardModel', 'reward_loss', 'pair_metrics',
-           'reward_loss_fn', 'score_pairs', 'reward_metrics', 'train_reward']
+           'reward_loss_fn', 'score_pairs', 'reward_metrics', 'score_responses', 'train_reward']
 
 # %% ../nbs/06_reward.ipynb #3407381c
 def pair_len(ex:dict) -> int:
@@ -103,9 +104,13 @@ def reward_loss(chosen:torch.Tensor, # (B,) rewards of the chosen responses
     if margin is not None: d = d - margin
     return -F.logsigmoid(d).mean()
 
-def pair_metrics(chosen:torch.Tensor, rejected:torch.Tensor) -> dict:
-    "Accuracy (share of pairs with r_chosen > r_rejected, ties count as wrong) and mean margin r_chosen - r_rejected."
-    return dict(accuracy=(chosen > rejected).float().mean().item(), margin=(chosen - rejected).mean().item())
+def pair_metrics(chosen_rewards:torch.Tensor, # (B,) scores of the chosen responses (a reward model's, or DPO's implicit rewards)
+                 rejected_rewards:torch.Tensor, # (B,) scores of the rejected responses
+                ) -> dict:
+    "Floats: mean `chosen_reward` and `rejected_reward`, `accuracy` (share of pairs with chosen > rejected; a tie is wrong), mean `margin`."
+    return dict(chosen_reward=chosen_rewards.mean().item(), rejected_reward=rejected_rewards.mean().item(),
+                accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
+                margin=(chosen_rewards - rejected_rewards).mean().item())
 
 # %% ../nbs/06_reward.ipynb #6b8e4913
 def reward_loss_fn(rm, batch:dict, # from `collate_preference`: (2B, T), the B chosen rows first
@@ -121,25 +126,46 @@ def reward_loss_fn(rm, batch:dict, # from `collate_preference`: (2B, T), the B c
 @torch.no_grad()
 def score_pairs(rm, examples:list[dict], tok, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
     "Rewards of the chosen and of the rejected response of every pair, in the order given; (N,) each, on the CPU."
-    was = rm.training; rm.eval(); col = collate_pairs(tok)
-    dev = next(rm.parameters()).device
+    col, dev = collate_pairs(tok), next(rm.parameters()).device
     cs, rs = [], []
-    try:
+    with eval_mode(rm):
         for i in range(0, len(examples), batch_size):
             b = col(examples[i:i + batch_size])
             c, r = rm(b['input_ids'].to(dev), b['attention_mask'].to(dev)).chunk(2)
-            cs.append(c.cpu()); rs.append(r.cpu())
-    finally: rm.train(was)
+            cs.append(c.cpu())
+            rs.append(r.cpu())
     return torch.cat(cs), torch.cat(rs)
 
 def reward_metrics(rm, tok, rows, # preference rows (dicts or a `datasets.Dataset`), or examples from `preference_dataset`
                    batch_size:int=8, max_len:int=128, margin:float|None=None) -> dict:
-    "Held-out `accuracy`, mean `margin`, `loss`, and the `chosen`/`rejected` rewards (lists) of `rm` on `rows`."
+    "Held-out `accuracy`, `margin`, `loss`, mean rewards, and every pair's `chosen`/`rejected` reward (lists, in row order)."
     rows = list(rows)
     exs = rows if rows and 'chosen_input_ids' in rows[0] else preference_dataset(rows, tok, max_len, verbose=False)[0]
-    exs = sorted(exs, key=pair_len, reverse=True)           # longest first: least padding, and any OOM shows at once
-    c, r = score_pairs(rm, exs, tok, batch_size)
+    # score longest first (least padding, and any OOM shows at once), then put the rewards back in row order
+    order = sorted(range(len(exs)), key=lambda i: pair_len(exs[i]), reverse=True)
+    c, r = score_pairs(rm, [exs[i] for i in order], tok, batch_size)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    c, r = c[back], r[back]
     return dict(n=len(c), loss=reward_loss(c, r, margin).item(), **pair_metrics(c, r), chosen=c.tolist(), rejected=r.tolist())
+
+# %% ../nbs/06_reward.ipynb #a1c0e002
+@torch.no_grad()
+def score_responses(rm, tok, rows, # rows whose prompt is answered: SFT rows (`messages`) or preference rows (`prompt`)
+                    responses:list[str], # one answer per row
+                    batch_size:int=16) -> torch.Tensor:
+    "The reward of each row's prompt followed by its response, (N,) on the CPU, in row order."
+    rows = list(rows)
+    if len(rows) != len(responses): raise ValueError(f"{len(rows)} rows but {len(responses)} responses: give one response per row")
+    dev, out = next(rm.parameters()).device, []
+    with eval_mode(rm):
+        for i in range(0, len(rows), batch_size):
+            ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])
+                   for r, a in zip(rows[i:i + batch_size], responses[i:i + batch_size])]
+            x = pad_sequences(ids, pad_id(tok)).to(dev)
+            mask = pad_sequences([[1] * len(s) for s in ids], 0).to(dev)
+            out.append(rm(x, mask).cpu())
+    return torch.cat(out)
 
 # %% ../nbs/06_reward.ipynb #483d1294
 def train_reward(model_or_rm, # a `RewardModel`, or a causal LM (LoRA applied or not) that gets wrapped in one

@@ -6,7 +6,8 @@ from ftcourse.sft import preference_dataset, sft_loss
 from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.dpo import collate_dpo, compare_metrics, preference_metrics
 from ftcourse.orpo import (log1mexp, log_odds, orpo_loss, orpo_loss_fn, TRL_ORPO_METRICS, trl_orpo_trainer, trl_orpo_batch,
-                           train_orpo, step_memory)
+                           train_orpo, step_memory, logp_preferences)
+from ftcourse.dpo import concatenated_logps
 from ftcourse.train import TrainConfig, train, count_items
 
 logging.getLogger('trl').setLevel(logging.ERROR)
@@ -141,7 +142,7 @@ def test_accumulation_gives_the_full_batch_loss(rows):
     for mb in (None, 1):
         m, tok = tiny_model(seed=1)
         cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-3, warmup_steps=0, eval_every=0,
-                          progress=False, shuffle=False)
+                          progress=False, shuffle=False, mixed_precision='no')   # compared with an fp32 loss: fp32
         hs.append(train(m, lf, exs, cfg, collate_fn=collate_dpo(tok))[-1])
     assert abs(hs[0]['loss'] - full) < 1e-5 * full and abs(hs[1]['loss'] - full) < 1e-5 * full
     assert abs(hs[0]['grad_norm'] - hs[1]['grad_norm']) < 1e-5 * hs[0]['grad_norm']
@@ -150,3 +151,16 @@ def test_accumulation_gives_the_full_batch_loss(rows):
     full_s, _ = _accumulated(m, tok, orpo_loss_fn(0.1, nll_on='sequence'), exs, 4)
     micro_s, _ = _accumulated(m, tok, orpo_loss_fn(0.1, nll_on='sequence'), exs, 1)
     assert abs(full_s - micro_s) > 1e-4
+
+def test_logp_preferences_per_pair_in_row_order(rows):
+    "One 0/1 per pair, in row order (scored longest first in batches), equal to each pair scored alone; eval mode restored."
+    m, tok = tiny_model(seed=2)
+    exs, _ = preference_dataset(rows, tok, 128, verbose=False)
+    alone = []
+    with torch.no_grad():
+        for e in exs:
+            lp = concatenated_logps(m, collate_dpo(tok)([e]), average=True)
+            alone.append(int(lp['chosen'].item() > lp['rejected'].item()))
+    m.train()
+    assert logp_preferences(m, tok, rows, batch_size=3) == alone and m.training
+    assert 0 < sum(alone) < len(alone)                                  # both outcomes occur: the order is really tested

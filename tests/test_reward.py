@@ -10,7 +10,7 @@ from ftcourse.lora import apply_lora
 from ftcourse.sft import preference_dataset, collate_preference
 from ftcourse.train import TrainConfig
 from ftcourse.reward import (last_token_index, RewardModel, reward_loss, pair_metrics, reward_loss_fn, collate_pairs, split_pairs,
-                             pair_len, score_pairs, reward_metrics, train_reward)
+                             pair_len, score_pairs, reward_metrics, score_responses, train_reward)
 
 @pytest.fixture(scope='module')
 def rows(): return list(load_course_dataset('preference', 'train').select(range(24)))
@@ -94,6 +94,9 @@ def test_loss_by_hand_margin_and_stability():
     assert reward_loss(torch.tensor([-300.]), torch.tensor([0.])).item() == 300.0       # log σ computed stably
     m = pair_metrics(c, r)
     assert m['accuracy'] == pytest.approx(1 / 3) and m['margin'] == -1.0                # the tie counts as wrong
+    # the four keys chapter 8 reports for DPO's implicit rewards too
+    assert pair_metrics(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])) == dict(chosen_reward=0.5, rejected_reward=-0.5,
+                                                                                    accuracy=0.5, margin=1.0)
 
 def test_split_sorts_only_validation(rows):
     _, tok = tiny_model()
@@ -130,13 +133,15 @@ def test_micro_batches_weighted_by_pairs(rows):
     losses = []
     for mb in (None, 1):                                             # and the loop reports the same loss either way
         causal, tok = tiny_model(); apply_lora(causal, r=4, alpha=8, target_modules='all-linear')
-        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, eval_every=0, progress=False, shuffle=False)
+        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, eval_every=0, progress=False, shuffle=False,
+                          mixed_precision='no')                       # the two runs are compared: fp32 on every CPU
         losses.append(train_reward(causal, tok, rows[:4], cfg=cfg, verbose=False)[-1]['loss'])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 def test_train_reward_learns_and_save_load(rows, tmp_path):
     causal, tok = tiny_model(); apply_lora(causal, r=4, alpha=8, target_modules='all-linear')
-    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=6, progress=False)
+    # fp32: the loop leaves a bf16 run's forward under autocast, and the reloaded copy is compared bit for bit
+    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=6, progress=False, mixed_precision='no')
     h = train_reward(causal, tok, rows, cfg=cfg, val_size=6, verbose=False)
     rm = h.reward_model
     assert isinstance(rm, RewardModel) and rm.head.weight.requires_grad
@@ -152,3 +157,19 @@ def test_train_reward_learns_and_save_load(rows, tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     c3, _ = tiny_model()                                              # no LoRA layers: the names do not match
     with pytest.raises(KeyError): RewardModel.from_causal_lm(c3).load(tmp_path/'rm.safetensors')
+
+def test_reward_metrics_in_row_order_and_score_responses(rows):
+    "reward_metrics scores longest first but returns every pair's rewards in row order; score_responses scores the same conversations alike."
+    sc, rm, tok = twin()
+    rows = rows[:10]
+    m = reward_metrics(rm, tok, rows, batch_size=3)
+    exs, _ = preference_dataset(rows, tok, 256, verbose=False)
+    one = [score_pairs(rm, [e], tok) for e in exs]                    # each pair alone: no padding, no reordering
+    torch.testing.assert_close(torch.tensor(m['chosen']), torch.cat([c for c, _ in one]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(m['rejected']), torch.cat([r for _, r in one]), atol=1e-5, rtol=0)
+    assert m['accuracy'] == pytest.approx(sum(c > r for c, r in zip(m['chosen'], m['rejected'])) / len(rows))
+    assert {'chosen_reward', 'rejected_reward', 'accuracy', 'margin', 'loss', 'n'} <= m.keys()
+    texts = [r['chosen'][0]['content'] for r in rows]
+    torch.testing.assert_close(score_responses(rm, tok, rows, texts, batch_size=4), torch.tensor(m['chosen']), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match='one response per row'): score_responses(rm, tok, rows, texts[:3])
+    rm.train(); score_responses(rm, tok, rows[:2], texts[:2]); assert rm.training
