@@ -12,15 +12,17 @@ from pathlib import Path
 import torch
 from .core import DEFAULT_MODEL, ModelNotAvailable, set_seed, tiny_model
 from .data import DatasetFormatError
-from .runs import METHODS, RunConfig, ConfigError, option_types, read_yaml, load_config, load_run, base_model
+from .config import (METHODS, METHOD_OPTIONS, METHOD_ONLY, ConfigError, LoopOptions, OptionParser, RunOptions,
+                             load_config, method_options, nearest_option, read_yaml)
+from .runs import load_run, base_model
 from .methods import run
 from .export import ExportError, export_run, load_peft_adapter
 from .tour import tour
 
 # %% auto #0
 __all__ = ['DTYPES', 'USER_ERRORS', 'STRATEGIES', 'model_config', 'params_table', 'memory_table', 'chat_reply', 'cmd_chat',
-           'cmd_train', 'cmd_tour', 'cmd_export', 'cmd_data', 'cmd_params', 'cmd_memory', 'Parser', 'build_parser',
-           'error_line', 'main', 'per_gpu_memory']
+           'cmd_train', 'cmd_tour', 'cmd_export', 'cmd_data', 'cmd_params', 'cmd_memory', 'Parser', 'run_flags',
+           'unrecognized', 'build_parser', 'error_line', 'main', 'per_gpu_memory']
 
 # %% ../nbs/10_capstone.ipynb #a1421da0
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
@@ -100,9 +102,12 @@ def cmd_chat(args):
 
 # %% ../nbs/10_capstone.ipynb #58e82812
 def cmd_train(args):
+    over = {k: v for k, v in vars(args).items() if k not in ('config', 'command', 'debug', 'func')}
     if args.config and (m := read_yaml(args.config).get('method', args.command)) != args.command:
         raise ConfigError(f"{args.config} describes a {m} run; run it with `ftcourse {m}`")
-    over = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    if over.get('method', args.command) != args.command:
+        raise ConfigError(f"--method {over['method']} in `ftcourse {args.command}`: "
+                          f"run it with `ftcourse {over['method']}`")
     # --base-run may be a peft adapter folder: chapter 11's loader reads it
     run(load_config(args.config, dict(over, method=args.command)), peft_loader=load_peft_adapter)
     return 0
@@ -152,17 +157,26 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-def _add_run_flags(p):
-    p.add_argument('--config', help='a YAML file with the run\'s options (flags override it)')
-    types = option_types()
-    for f in fields(RunConfig):
-        if f.name == 'method': continue
-        flag = '--' + f.name.replace('_', '-')
-        if types[f.name] is bool:
-            p.add_argument(flag, action='store_const', const=True, default=None, help=f.metadata['help'])
-        else:
-            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                           help=f"{f.metadata['help']} (default: {f.default})")
+def run_flags(method:str) -> argparse.ArgumentParser:
+    "The options `method` reads, as flags typed by `HfArgumentParser`: the parent of the method's subcommand."
+    p = OptionParser(groups=(RunOptions, LoopOptions, *METHOD_OPTIONS[method]), add_help=False)
+    p.add_argument('--config', help="a YAML file with the run's options (flags override it)")
+    for a in p._actions:
+        if a.dest != 'config':
+            a.help = f"{a.help} (default: {a.default})"
+            # a flag left out stays out of the namespace: it cannot override the YAML file
+            a.default = argparse.SUPPRESS
+    return p
+
+def unrecognized(command:str, extra:list[str]) -> str:
+    "The error for flags that `command` does not take: another method's option says so, a misspelt one the nearest."
+    flag = extra[0].split('=')[0]
+    name = flag.lstrip('-').replace('-', '_')
+    if command in METHODS and name in METHOD_ONLY:
+        return f"{name} has no effect on a {command} run (only {', '.join(METHOD_ONLY[name])} use it): remove it"
+    known = ['--' + n.replace('_', '-') for n in method_options(command)] if command in METHODS else []
+    return f"unrecognized arguments: {' '.join(extra)}{nearest_option(flag, known)}"
+
 
 # %% ../nbs/10_capstone.ipynb #3177cdc4
 def build_parser() -> argparse.ArgumentParser:
@@ -177,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                  dpo='direct preference optimisation (chapter 8)',
                  orpo='odds-ratio preference optimisation, no reference model (chapter 9)')
     for m in METHODS:
-        s = add(m, helps[m])
-        _add_run_flags(s)
-        s.set_defaults(func=cmd_train)
+        sub.add_parser(m, help=helps[m], parents=[common, run_flags(m)]).set_defaults(func=cmd_train)
     t = add('tour', 'the whole pipeline (SFT, reward, PPO, DPO, ORPO) on the packaged model and data, with a report')
     t.add_argument('--out', default='runs/tour', help='the report folder (default: %(default)s)')
     t.add_argument('--model', default=DEFAULT_MODEL,
@@ -240,7 +252,9 @@ def error_line(e:BaseException) -> str:
 
 def main(argv:list[str]|None=None) -> int:
     "The `ftcourse` console script. A user error prints one line and exits with status 2."
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra: parser.exit(2, f"ftcourse {args.command}: error: {unrecognized(args.command, extra)} (see --help)\n")
     try: return args.func(args)
     except USER_ERRORS as e:
         if args.debug: traceback.print_exc()

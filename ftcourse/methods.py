@@ -8,12 +8,14 @@ Docs: https://ftcourse.github.io/ftcourse/methods.html.md"""
 from __future__ import annotations
 import json, threading, time
 from contextlib import contextmanager
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 import torch
 from .core import set_seed
-from .runs import (RunConfig, ConfigError, build_model, check_output_dir, is_main_process, load_reward_run,
-                           prepare_output_dir, save_trainable, validate_config, wait_for_everyone, write_csv)
+from .config import RunConfig, ConfigError, validate_config
+from .runs import (build_model, check_output_dir, is_main_process, load_reward_run, prepare_output_dir,
+                           save_trainable, wait_for_everyone, write_csv)
 
 # %% auto #0
 __all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'loop_resumes', 'fit', 'run', 'PeakRSS']
@@ -63,12 +65,10 @@ def load_rows(cfg:RunConfig, kind:str|None=None) -> tuple[list, list]:
 def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     "The training loop's settings for a run."
     from ftcourse.train import TrainConfig
-    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                       lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                       max_grad_norm=cfg.max_grad_norm or None, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                       mixed_precision=cfg.mixed_precision, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1,
-                       seed=cfg.seed, strategy=cfg.strategy,
-                       log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None)
+    # the run's loop options have the loop's names (max_grad_norm 0 and None both mean no clipping)
+    same = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if hasattr(cfg, f.name)}
+    return TrainConfig(**dict(same, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1,
+                              log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None))
 
 def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128,
               resume:bool=False, # continue from the latest checkpoint in cfg.out_dir
@@ -112,7 +112,8 @@ def _fit_sft(cfg, model, tok, train_rows, eval_rows, tcfg):
 def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import reward
     rm = reward.RewardModel.from_causal_lm(model)
-    with loop_resumes(reward, cfg.resume): return rm, reward.train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
+    with loop_resumes(reward, cfg.resume):
+        return rm, reward.train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
 
 def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import dpo
@@ -123,7 +124,8 @@ def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
 def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import orpo
     with loop_resumes(orpo, cfg.resume):
-        return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda, max_len=cfg.sequence_len)
+        return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda,
+                                      max_len=cfg.sequence_len)
 
 def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward
@@ -136,12 +138,12 @@ def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
         print("PPO against the course judge (a rule)")
     pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size,
                      mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2), ppo_epochs=cfg.ppo_epochs,
-                     lr=cfg.learning_rate, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
+                     lr=cfg.lr, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
                      max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
     return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
 
-# each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`;
-# a new method adds one entry
+# each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`; a new method
+# (GRPO) adds one entry here, and its options' group to `ftcourse.config.METHOD_OPTIONS`
 TRAINERS = dict(sft=_fit_sft, reward=_fit_reward, ppo=_fit_ppo, dpo=_fit_dpo, orpo=_fit_orpo)
 
 def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:

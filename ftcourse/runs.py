@@ -1,4 +1,4 @@
-"""The run configuration and its checks, the run folder and its files, and the recipe that builds, saves, loads and merges a run's model.
+"""The run folder and its files, and the recipe that builds, saves, loads and merges a run's model.
 
 Docs: https://ftcourse.github.io/ftcourse/runs.html.md"""
 
@@ -6,209 +6,21 @@ Docs: https://ftcourse.github.io/ftcourse/runs.html.md"""
 
 # %% ../nbs/10a_runs.ipynb #1303f601
 from __future__ import annotations
-import csv, difflib, os, shutil, typing
-from dataclasses import dataclass, field, fields, asdict, replace
+import csv, os, shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
-from .core import DEFAULT_MODEL, load_model, set_seed, tiny_model
+from .core import load_model, set_seed, tiny_model
+# the tour and the export chapter import the configuration's names from here too
+from .config import (METHODS, FIXED, RunConfig, ConfigError, config_yaml, is_peft_folder, is_run_folder,
+                             load_config, read_run_config, read_yaml)
 
 # %% auto #0
-__all__ = ['METHODS', 'ADAPTERS', 'RUN_STRATEGIES', 'PRECISIONS', 'METHOD_ONLY', 'FIXED', 'RunConfig', 'ConfigError',
-           'option_types', 'check_method_options', 'validate_config', 'read_yaml', 'load_config', 'config_yaml',
-           'is_run_folder', 'is_peft_folder', 'is_main_process', 'wait_for_everyone', 'check_output_dir',
-           'check_resumable', 'prepare_output_dir', 'read_csv', 'write_csv', 'base_model', 'merge_adapters',
-           'read_run_config', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model', 'load_run',
-           'load_reward_run']
-
-# %% ../nbs/10a_runs.ipynb #6d85cebf
-METHODS = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
-ADAPTERS = ('lora', 'qlora', 'full')
-RUN_STRATEGIES = ('ddp', 'fsdp')
-PRECISIONS = ('auto', 'no', 'bf16', 'fp16')
-
-def _opt(default, help:str, **kw): return field(default=default, metadata=dict(help=help, **kw))
-
-@dataclass
-class RunConfig:
-    "Everything that defines a training run. Saved as `config.yaml` in the run's folder."
-    method:str = _opt('sft', f"what to train: {', '.join(METHODS)}")
-    model:str = _opt(DEFAULT_MODEL, "base model: a hub id or local folder ('tiny': the 0.9M-parameter test model)")
-    base_run:str|None = _opt(None, "a finished run's folder whose weights are merged in first (e.g. the SFT run before DPO)")
-    dataset:str = _opt('course', "training rows: 'course' (packaged), a local .jsonl file, or a hub dataset id")
-    eval_dataset:str|None = _opt(None, "held-out rows (default: the course's test split; for other data, rows split off the training set)")
-    n_eval:int = _opt(48, "held-out rows used for evaluation")
-    adapter:str = _opt('lora', f"what is trained: {', '.join(ADAPTERS)} (qlora: LoRA on NF4-quantized weights)")
-    lora_r:int = _opt(8, "LoRA rank")
-    lora_alpha:float = _opt(16.0, "LoRA scaling numerator (the update is alpha/r * B A)")
-    lora_dropout:float = _opt(0.0, "dropout on the LoRA path's input")
-    lora_target_modules:str = _opt('all-linear', "layers LoRA wraps: 'all-linear' or comma-separated names, e.g. q_proj,v_proj")
-    steps:int = _opt(30, "optimizer steps")
-    batch_size:int = _opt(4, "sequences (pairs for reward/dpo/orpo, prompts for ppo) per optimizer step, across all processes")
-    micro_batch_size:int|None = _opt(None, "sequences per forward/backward (gradient accumulation); default: the whole batch")
-    strategy:str = _opt('ddp', "with several processes (torchrun): 'ddp' (a whole copy of the model in each) or 'fsdp' "
-                               "(weights, gradients and AdamW state sharded across them, FSDP2)")
-    learning_rate:float = _opt(2e-4, "peak learning rate (linear warmup, then cosine decay)")
-    warmup_steps:int = _opt(3, "warmup steps")
-    weight_decay:float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm:float = _opt(1.0, "clip the gradient norm (0: no clipping)")
-    mixed_precision:str = _opt('auto', f"autocast: {', '.join(PRECISIONS)} ('auto': bf16 where the hardware runs it fast)")
-    sequence_len:int = _opt(128, "longest sequence in tokens, prompt + response (longer rows are counted and reported)")
-    eval_every:int = _opt(10, "evaluate on held-out rows every this many steps (0: never)")
-    seed:int = _opt(0, "seed for the data order, initialisation and sampling")
-    beta:float = _opt(0.1, "dpo: the KL anchor's strength beta")
-    orpo_lambda:float = _opt(0.1, "orpo: weight lambda of the odds-ratio term")
-    reward_model:str|None = _opt(None, "ppo: a reward run's folder to score responses (default: the course judge, a rule)")
-    ppo_max_new_tokens:int = _opt(24, "ppo: tokens generated per response")
-    ppo_kl_coef:float = _opt(0.05, "ppo: the per-token KL penalty's coefficient against the reference (the starting policy)")
-    ppo_epochs:int = _opt(2, "ppo: passes over each rollout batch (in micro_batch_size minibatches, default half the batch)")
-    output_dir:str|None = _opt(None, "where the run's files go (default: runs/<method>)")
-    overwrite:bool = _opt(False, "replace an existing run in output_dir")
-    save_every:int = _opt(0, "save a resumable checkpoint every this many steps (0: only the last step's)")
-    resume:bool = _opt(False, "continue the run in output_dir from its latest complete checkpoint (its config.yaml's options)")
-    log_with:str|None = _opt(None, "Accelerate trackers to log to as well, comma-separated: tensorboard, wandb, ...")
-
-# %% ../nbs/10a_runs.ipynb #214bded8
-class ConfigError(ValueError):
-    "A configuration that cannot describe a run; raised before anything is loaded or trained."
-
-_HINTS = None
-def option_types() -> dict:
-    "The type of each `RunConfig` option, by name."
-    global _HINTS
-    if _HINTS is None: _HINTS = typing.get_type_hints(RunConfig)
-    return _HINTS
-
-def _coerce(name:str, value, where:str):
-    "`value` (from YAML or a flag) as the type of option `name`, or a ConfigError naming both."
-    t = option_types()[name]
-    args = typing.get_args(t)
-    if value is None or (isinstance(value, str) and value.lower() in ('none', 'null', '~') and type(None) in args):
-        if value is None and type(None) not in args and t is not bool: raise ConfigError(f"{where}: {name} cannot be empty")
-        return None
-    base = next((a for a in args if a is not type(None)), t)
-    try:
-        if base is bool:
-            if isinstance(value, bool): return value
-            if str(value).lower() in ('true', 'yes', '1', 'on'): return True
-            if str(value).lower() in ('false', 'no', '0', 'off'): return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()): raise ValueError
-            return int(str(value)) if not isinstance(value, float) else int(value)
-        if base is float:
-            if isinstance(value, bool): raise ValueError
-            return float(value)
-        if base is str:
-            if isinstance(value, (list, tuple)): return ','.join(map(str, value))
-            if isinstance(value, (dict, bool)): raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {name} must be {getattr(base, '__name__', base)}, got {value!r}") from None
-    return value
-
-# %% ../nbs/10a_runs.ipynb #f1b50521
-# options only some methods read; another method refuses any value but the default
-METHOD_ONLY = dict(beta=('dpo',), orpo_lambda=('orpo',), reward_model=('ppo',), ppo_max_new_tokens=('ppo',),
-                   ppo_kl_coef=('ppo',), ppo_epochs=('ppo',),
-                   eval_dataset=('sft', 'reward', 'dpo', 'orpo'), n_eval=('sft', 'reward', 'dpo', 'orpo'))
-# values a method always runs with, and why: its default, and any other value is refused
-FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosine decay from the first iteration)"),
-                      weight_decay=(0.01, "train_ppo's AdamW uses torch's default weight decay, 0.01"),
-                      eval_every=(0, "train_ppo does not evaluate on held-out rows"),
-                      log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
-                      mixed_precision=('no', "train_ppo runs in the model's dtype, without autocast"),
-                      save_every=(0, "train_ppo's loop writes no checkpoints"),
-                      resume=(False, "train_ppo's loop writes no checkpoints to resume from"),
-                      strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")))
-
-def check_method_options(cfg:RunConfig):
-    "A `ConfigError` naming the method if `cfg` sets an option that its method would ignore."
-    for name, users in METHOD_ONLY.items():
-        default = RunConfig.__dataclass_fields__[name].default
-        if cfg.method not in users and getattr(cfg, name) != default:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} has no effect on a {cfg.method} run "
-                              f"(only {', '.join(users)} use it): remove it")
-    for name, (value, why) in FIXED.get(cfg.method, {}).items():
-        if getattr(cfg, name) != value:
-            raise ConfigError(f"{cfg.method} does not support {name}={getattr(cfg, name)!r}: {why}; "
-                              f"remove it (a {cfg.method} run uses {name}={value!r})")
-
-# %% ../nbs/10a_runs.ipynb #d4256de8
-def validate_config(cfg:RunConfig) -> RunConfig:
-    "Check the values that types alone do not; returns `cfg`."
-    if cfg.method not in METHODS: raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.adapter not in ADAPTERS:
-        raise ConfigError(f"adapter must be one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}")
-    if cfg.strategy not in RUN_STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(RUN_STRATEGIES)}, got {cfg.strategy!r}")
-    for k in ('steps', 'batch_size', 'sequence_len', 'lora_r', 'n_eval', 'ppo_max_new_tokens', 'ppo_epochs'):
-        if getattr(cfg, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
-    if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size={cfg.micro_batch_size}")
-    if cfg.learning_rate <= 0: raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.mixed_precision not in PRECISIONS:
-        raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {cfg.mixed_precision!r}")
-    if cfg.save_every < 0: raise ConfigError(f"save_every must be 0 or positive, got {cfg.save_every}")
-    if cfg.resume and cfg.overwrite: raise ConfigError("resume continues the run in output_dir, overwrite replaces it: pass one")
-    check_method_options(cfg)
-    if cfg.method == 'ppo' and cfg.sequence_len <= cfg.ppo_max_new_tokens:
-        raise ConfigError(f"sequence_len={cfg.sequence_len} leaves no room for a prompt before "
-                          f"ppo_max_new_tokens={cfg.ppo_max_new_tokens} new tokens")
-    if cfg.method == 'ppo' and cfg.reward_model:
-        m = read_run_config(cfg.reward_model, 'reward_model').method
-        if m != 'reward': raise ConfigError(f"reward_model={cfg.reward_model!r} is a {m} run, not a reward model")
-    if cfg.base_run and not (is_run_folder(cfg.base_run) or is_peft_folder(cfg.base_run)):
-        raise ConfigError(f"base_run={cfg.base_run!r} is not a run folder (no config.yaml there) "
-                          f"and not a peft adapter folder (no adapter_config.json)")
-    return cfg
-
-# %% ../nbs/10a_runs.ipynb #cc96e0d6
-def read_yaml(path:str|Path) -> dict:
-    "The options in a YAML file, as a dict; a `ConfigError` if it is missing, unreadable or not a mapping."
-    import yaml
-    try: data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
-    except FileNotFoundError: raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError: raise ConfigError(f"{path}: is a folder, not a YAML file") from None
-    except PermissionError: raise ConfigError(f"{path}: not readable (permission denied)") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})".replace('\n', ' ')) from None
-    if data is None: return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping of option: value, got {type(data).__name__}")
-    return data
-
-def load_config(path:str|Path|None=None, # a YAML file holding a run's options (any subset)
-                overrides:dict|None=None, # options that win over the file (e.g. flags); None values are ignored
-               ) -> RunConfig:
-    "A checked `RunConfig` from a YAML file and overrides; a `ConfigError` names the file and the option."
-    data = read_yaml(path) if path is not None else {}
-    where = str(path) if path is not None else 'options'
-    known = [f.name for f in fields(RunConfig)]
-    for k in data:
-        if k not in known:
-            near = difflib.get_close_matches(str(k), known, n=1)
-            raise ConfigError(f"{where}: unknown option {k!r}" + (f" (did you mean {near[0]!r}?)" if near else '') +
-                              f"; valid options: {', '.join(known)}")
-    vals = {k: _coerce(k, v, where) for k, v in data.items()}
-    vals.update({k: _coerce(k, v, 'command line') for k, v in (overrides or {}).items() if v is not None})
-    for name, (value, _) in FIXED.get(vals.get('method', 'sft'), {}).items():
-        vals.setdefault(name, value)      # not given: the value the method runs with
-    return validate_config(RunConfig(**vals))
-
-def config_yaml(cfg:RunConfig) -> str:
-    "The configuration as YAML, every option spelled out (what `config.yaml` in a run's folder holds)."
-    import yaml
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+__all__ = ['is_main_process', 'wait_for_everyone', 'check_output_dir', 'check_resumable', 'prepare_output_dir', 'read_csv',
+           'write_csv', 'base_model', 'merge_adapters', 'add_adapter', 'save_trainable', 'load_trainable',
+           'build_model', 'load_run', 'load_reward_run']
 
 # %% ../nbs/10a_runs.ipynb #b47a3309
-def is_run_folder(path) -> bool:
-    "Whether `path` is a run's folder (it holds `config.yaml`)."
-    return path is not None and (Path(path)/'config.yaml').is_file()
-
-def is_peft_folder(path) -> bool:
-    "Whether `path` is a peft adapter folder (it holds `adapter_config.json`)."
-    return path is not None and (Path(path)/'adapter_config.json').is_file()
-
 def is_main_process() -> bool:
     "Whether this process writes the run folder: the main one under torchrun or accelerate, and any lone process."
     from .train import process_state   # the loop's view of the launch (cpu=True under torchrun without CUDA)
@@ -235,7 +47,7 @@ def check_output_dir(cfg:RunConfig) -> Path:
     return out
 
 def check_resumable(cfg:RunConfig, out:Path):
-    "A `ConfigError` unless the run in `out` has `cfg`'s options (all but resume and overwrite): a resumed run is the same run."
+    "A `ConfigError` unless the run in `out` has `cfg`'s options (but resume, overwrite): a resumed run is the same run."
     saved, ours = asdict(read_run_config(out)), asdict(replace(cfg, output_dir=str(out)))
     for k in ours:
         if k not in ('resume', 'overwrite') and saved[k] != ours[k]:
@@ -243,7 +55,7 @@ def check_resumable(cfg:RunConfig, out:Path):
                               f"resume it with its own options (--config {out/'config.yaml'} --resume)")
 
 def prepare_output_dir(cfg:RunConfig) -> Path:
-    "Check the run's folder, then (on the main process only) empty it if `overwrite` and write `config.yaml` (unless resuming)."
+    "Check the run's folder, then (main process) empty it if `overwrite` and write `config.yaml` (unless resuming)."
     out = check_output_dir(cfg)
     wait_for_everyone()      # every process has checked before the main one writes
     if is_main_process():
@@ -286,12 +98,6 @@ def merge_adapters(model:nn.Module) -> nn.Module:
     from ftcourse.lora import lora_layers, merge_lora
     return merge_lora(model, unload=True) if lora_layers(model) else model     # a full fine-tune has nothing to merge
 
-def read_run_config(run_dir:str|Path, what:str='') -> RunConfig:
-    "The `RunConfig` saved in a run's folder (`what`: the option that named the folder, for the error)."
-    if not is_run_folder(run_dir):
-        raise ConfigError(f"{what + '=' if what else ''}{str(run_dir)!r} is not a run folder (no config.yaml there)")
-    return load_config(Path(run_dir)/'config.yaml')
-
 def add_adapter(model:nn.Module, cfg:RunConfig) -> nn.Module:
     "Make `model` trainable as `cfg.adapter` says: LoRA, QLoRA (LoRA over NF4 bases) or every parameter."
     if cfg.adapter == 'full': return model.requires_grad_(True)
@@ -318,9 +124,9 @@ def save_trainable(model:nn.Module, path:str|Path,
     os.replace(tmp, path)
 
 def load_trainable(model:nn.Module, path:str|Path, prefix:str='') -> nn.Module:
-    "Load `save_trainable`'s file into `model` (names under `prefix`); every tensor must match a parameter exactly."
+    "Load `save_trainable`'s file into `model` (names under `prefix`): each tensor fits, each trained parameter is set."
     from safetensors.torch import load_file
-    params = dict(model.named_parameters())
+    params, loaded = dict(model.named_parameters()), set()
     for n, t in load_file(str(path)).items():
         if not n.startswith(prefix): continue
         name = n[len(prefix):]
@@ -328,6 +134,11 @@ def load_trainable(model:nn.Module, path:str|Path, prefix:str='') -> nn.Module:
         if params[name].shape != t.shape:
             raise ValueError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model's {tuple(params[name].shape)}")
         with torch.no_grad(): params[name].copy_(t)
+        loaded.add(name)
+    # a trainable parameter left at its initial value would be a silently different model
+    missing = [n for n, p in params.items() if p.requires_grad and n not in loaded]
+    if missing:
+        raise KeyError(f"{path}: no tensor for the trained parameter {prefix + missing[0]!r} ({len(missing)} missing)")
     return model
 
 def _load_run_weights(model:nn.Module, run_dir:str|Path) -> nn.Module:

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
 from ftcourse.cli import main, params_table, memory_table
-from ftcourse.runs import load_config, ConfigError, RunConfig, load_run, read_run_config
+from ftcourse.config import config_yaml, load_config, ConfigError, RunConfig, read_run_config
+from ftcourse.runs import load_run
 from ftcourse.methods import run
 
 def cli(*argv):
@@ -18,12 +19,12 @@ def cli(*argv):
 TINY = ['--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--batch-size', '4', '--mixed-precision', 'no']
 
 def test_yaml_then_flags_and_the_saved_config_reproduces_the_run(tmp_path):
-    (tmp_path/'run.yaml').write_text("method: sft\nmodel: tiny\nsteps: 9\nlora_r: 4\nlearning_rate: 1.0e-3\nn_eval: 8\neval_every: 0\n"
+    (tmp_path/'run.yaml').write_text("method: sft\nmodel: tiny\nsteps: 9\nlora_r: 4\nlr: 1.0e-3\nn_eval: 8\neval_every: 0\n"
                                      "warmup_steps: 0\nlora_target_modules: [q_proj, v_proj]\n")
     rc, out, err = cli('sft', '--config', tmp_path/'run.yaml', '--steps', 3, '--output-dir', tmp_path/'a')
     assert rc == 0, err
     cfg = read_run_config(tmp_path/'a')
-    assert (cfg.steps, cfg.lora_r, cfg.learning_rate, cfg.lora_target_modules) == (3, 4, 1e-3, 'q_proj,v_proj')
+    assert (cfg.steps, cfg.lora_r, cfg.lr, cfg.lora_target_modules) == (3, 4, 1e-3, 'q_proj,v_proj')
     a = load_file(tmp_path/'a'/'trainable.safetensors')
     assert a and all('lora_' in k for k in a) and all(k.split('.')[-2] in ('q_proj', 'v_proj') for k in a)
     # the folder's config.yaml alone reproduces the run bit for bit
@@ -84,7 +85,7 @@ def test_output_dir_holding_another_run_is_refused(tmp_path):
     assert rc == 2 and 'not a run' in err and (other/'thesis.tex').read_text() == 'precious'
 
 def test_run_folder_restores_the_model_and_logs_every_step(tmp_path):
-    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', steps=4, eval_every=2, n_eval=8, learning_rate=1e-3, output_dir=str(tmp_path/'r'),
+    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', steps=4, eval_every=2, n_eval=8, lr=1e-3, output_dir=str(tmp_path/'r'),
                                          log_with='tensorboard')), device='cpu')
     m, tok = load_run(tmp_path/'r')
     x = torch.randint(0, len(tok), (2, 12))
@@ -99,7 +100,7 @@ def test_run_folder_restores_the_model_and_logs_every_step(tmp_path):
     assert summary['trainable_params'] == sum(t.numel() for t in load_file(tmp_path/'r'/'trainable.safetensors').values())
 
 def test_qlora_run_merges_into_its_dequantized_base(tmp_path):
-    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', adapter='qlora', steps=2, eval_every=0, n_eval=8, learning_rate=1e-3,
+    res = run(load_config(overrides=dict(model='tiny', mixed_precision='no', adapter='qlora', steps=2, eval_every=0, n_eval=8, lr=1e-3,
                                          output_dir=str(tmp_path/'q'))), device='cpu')
     m, tok = load_run(tmp_path/'q')
     x = torch.randint(0, len(tok), (2, 12))
@@ -131,7 +132,7 @@ def test_reward_and_dpo_runs_chain_off_the_sft_run(tmp_path):
     from ftcourse.runs import load_reward_run
     from ftcourse.reward import reward_metrics
     from ftcourse.core import load_course_dataset
-    assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-3, '--warmup-steps', 0, '--output-dir', tmp_path/'sft')[0] == 0
+    assert cli('sft', *TINY, '--steps', 2, '--lr', 1e-3, '--warmup-steps', 0, '--output-dir', tmp_path/'sft')[0] == 0
     o = io.StringIO()
     with contextlib.redirect_stdout(o):
         trained = run(load_config(overrides=dict(method='reward', model='tiny', mixed_precision='no', n_eval=8, eval_every=0, batch_size=4, steps=2,
@@ -264,7 +265,7 @@ def test_chat_with_a_local_model_folder(tmp_path):
 
 def test_export_a_run_and_chat_with_the_merged_model(tmp_path):
     "`ftcourse export` writes a merged model that `ftcourse chat --model` answers with as the run does; bad input is one line."
-    assert cli('sft', *TINY, '--steps', 2, '--learning-rate', 1e-2, '--output-dir', tmp_path/'r')[0] == 0
+    assert cli('sft', *TINY, '--steps', 2, '--lr', 1e-2, '--output-dir', tmp_path/'r')[0] == 0
     rc, out, err = cli('export', '--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged')
     assert rc == 0 and str(tmp_path/'merged') in out, err
     chat = ['--prompt', 'What is 2+3?', '--max-new-tokens', 8]
@@ -280,3 +281,31 @@ def test_export_a_run_and_chat_with_the_merged_model(tmp_path):
         assert rc == 2 and err.count('\n') == 1 and phrase in err, (argv, err)
     rc, out, err = cli('export', '--run', tmp_path/'r', '--format', 'merged', '--out', tmp_path/'merged', '--overwrite')
     assert rc == 0, err
+
+def test_one_parser_hf_argument_parser_yaml_first_flags_win(tmp_path):
+    "The options are parsed by transformers' HfArgumentParser, from the YAML file and then the flags, with the same types."
+    from transformers import HfArgumentParser
+    from ftcourse.config import OptionParser
+    assert isinstance(OptionParser(), HfArgumentParser)
+    rc, out, err = cli('sft', '--help')
+    assert rc == 0 and '--save_every' in out and '--resume' in out and '(default: 8)' in out and '--beta' not in out
+    assert '--beta' in cli('dpo', '--help')[1] and '--ppo_epochs' not in cli('dpo', '--help')[1]
+    rc, out, err = cli('sft', '--lora-rank', 4)
+    assert rc == 2 and "did you mean '--lora-r'" in err and err.count('\n') == 1
+    (tmp_path/'bad.yaml').write_text("steps: ten\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: steps must be int, got 'ten'"): load_config(tmp_path/'bad.yaml')
+    (tmp_path/'ok.yaml').write_text("model: tiny\nsteps: 7\nbase_run: null\noverwrite: yes\nmicro_batch_size: 2\n")
+    cfg = load_config(tmp_path/'ok.yaml', dict(steps='5', micro_batch_size=None))
+    assert (cfg.steps, cfg.overwrite, cfg.micro_batch_size, cfg.base_run) == (5, True, 2, None)
+    with pytest.raises(ConfigError, match='steps cannot be empty'): load_config(overrides=None, path=_write(tmp_path, "steps:\n"))
+    rc, out, err = cli('sft', '--method', 'dpo')
+    assert rc == 2 and 'run it with `ftcourse dpo`' in err
+    # the loop's name for the learning rate is `lr`; the name it had is still read, from a file or a flag
+    (tmp_path/'old.yaml').write_text("learning_rate: 1.0e-3\n")
+    assert load_config(tmp_path/'old.yaml').lr == 1e-3 == load_config(overrides=dict(learning_rate=1e-3)).lr
+    assert 'learning_rate' not in config_yaml(load_config(tmp_path/'old.yaml'))
+    assert RunConfig(learning_rate=1e-3).lr == 1e-3
+
+def _write(tmp_path, text):
+    (tmp_path/'t.yaml').write_text(text)
+    return tmp_path/'t.yaml'

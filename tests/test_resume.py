@@ -9,7 +9,7 @@ from ftcourse.runs import read_csv
 def command(method, out, *extra):
     "A tiny run's command line: fp32 (no autocast), so that it is the same computation in every process."
     return [sys.executable, '-m', 'ftcourse.cli', method, '--model', 'tiny', '--n-eval', '8', '--eval-every', '6',
-            '--batch-size', '4', '--steps', '16', '--save-every', '4', '--learning-rate', '1e-3',
+            '--batch-size', '4', '--steps', '16', '--save-every', '4', '--lr', '1e-3',
             '--mixed-precision', 'no', '--output-dir', str(out), *extra]
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')

@@ -3,12 +3,12 @@ import contextlib, inspect, io, json
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from ftcourse.runs import (FIXED, METHOD_ONLY, METHODS, ConfigError, RunConfig, is_main_process, load_config, load_run,
-                           read_run_config)
+from ftcourse.config import FIXED, METHOD_ONLY, METHODS, ConfigError, RunConfig, load_config, read_run_config
+from ftcourse.runs import is_main_process, load_run
 from ftcourse.methods import TRAINERS, run
 
-TINY = dict(model='tiny', n_eval=8, batch_size=4, learning_rate=1e-3)
-PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, learning_rate=1e-3)   # PPO holds no rows out: no n_eval
+TINY = dict(model='tiny', n_eval=8, batch_size=4, lr=1e-3)
+PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, lr=1e-3)   # PPO holds no rows out: no n_eval
 
 @pytest.mark.parametrize('option, value', [('warmup_steps', 5), ('weight_decay', 0.1), ('eval_every', 5),
                                            ('log_with', 'tensorboard'), ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16),
@@ -27,10 +27,13 @@ def test_other_methods_refuse_an_option_they_would_ignore(option, value):
 def test_every_option_is_read_by_every_method_or_listed():
     "An option that is neither used by all methods nor listed as method-only or fixed would slip through unchecked."
     from ftcourse import runs, methods
-    assert set(TRAINERS) == set(METHODS)
+    assert set(TRAINERS) == set(METHODS)       # every method with options has a trainer
     source = inspect.getsource(methods) + inspect.getsource(runs.build_model) + inspect.getsource(runs.add_adapter) + \
              inspect.getsource(runs._lora_targets)
-    unread = [f for f in RunConfig.__dataclass_fields__ if f'cfg.{f}' not in source and f not in METHOD_ONLY]
+    from dataclasses import fields
+    from ftcourse.train import TrainConfig
+    loop = {f.name for f in fields(TrainConfig)}           # train_config copies the options named as the loop names them
+    unread = [f.name for f in fields(RunConfig) if f'cfg.{f.name}' not in source and f.name not in set(METHOD_ONLY) | loop]
     assert set(unread) <= {'method', 'output_dir', 'overwrite', 'seed'}, unread   # these four run() and the folder use
 
 def test_ppo_fixed_values_are_what_train_ppo_runs_with():
@@ -117,7 +120,7 @@ def test_a_run_can_start_from_a_peft_adapter_folder(tmp_path, use_dora):
     x = torch.randint(0, len(tok), (2, 9))
     with torch.no_grad(): want = peft_model(input_ids=x).logits
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(['sft', '--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '1', '--learning-rate', '1e-9',
+        assert main(['sft', '--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '1', '--lr', '1e-9',
                      '--base-run', str(tmp_path/'adapter'), '--output-dir', str(tmp_path/'r')]) == 0
     got = load_run(tmp_path/'r', peft_loader=load_peft_adapter)[0]
     with torch.no_grad(): torch.testing.assert_close(got(x).logits, want, rtol=1e-4, atol=1e-4)   # lr 1e-9: the start, merged
@@ -137,3 +140,16 @@ def test_the_recipes_in_configs_are_the_tours_runs(tmp_path, monkeypatch):
     for m in TOUR_ORDER:
         got = load_config(root/'configs'/f'{m}.yaml')
         assert asdict(got) == asdict(want[m]), m
+
+def test_load_trainable_refuses_a_file_without_every_trained_parameter(tmp_path):
+    "A trained parameter with no tensor in the file would keep its initial value: refused, naming it."
+    from safetensors.torch import save_file
+    from ftcourse.runs import build_model, load_trainable, save_trainable
+    model = build_model(RunConfig(model='tiny', lora_target_modules='q_proj,v_proj'))[0]
+    save_trainable(model, tmp_path/'all.safetensors')
+    load_trainable(model, tmp_path/'all.safetensors')
+    tensors = load_file(tmp_path/'all.safetensors')
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path/'some.safetensors')
+    with pytest.raises(KeyError, match=f"no tensor for the trained parameter '{dropped}' .1 missing"):
+        load_trainable(model, tmp_path/'some.safetensors')
