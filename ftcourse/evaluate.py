@@ -6,18 +6,19 @@ Docs: https://ftcourse.github.io/ftcourse/evaluate.html.md"""
 
 # %% ../nbs/02ab_evaluate.ipynb #fefd581b
 from __future__ import annotations
-import math
+import hashlib, json, math, os
+from pathlib import Path
 from dataclasses import dataclass
 from statistics import NormalDist
 import numpy as np, torch
 from .core import eval_mode
 from .data import judge
-from .sft import chat_ids, pad_id, pad_sequences, prompt_messages, judge_score
+from .sft import chat_ids, pad_id, pad_sequences, prompt_messages, generate_responses
 from .generate import generate
 
 # %% auto #0
-__all__ = ['wilson_interval', 'paired_test', 'pass_at_k', 'JudgeResult', 'judge_eval', 'compare', 'compare_table', 'task_table',
-           'plot_scores', 'sample_responses', 'sampled_eval']
+__all__ = ['wilson_interval', 'paired_test', 'pass_at_k', 'weights_digest', 'JudgeResult', 'judge_eval', 'compare',
+           'compare_table', 'task_table', 'plot_scores', 'sample_responses', 'sampled_eval']
 
 # %% ../nbs/02ab_evaluate.ipynb #16a51295
 def wilson_interval(successes:int, # number of successes (correct answers)
@@ -71,6 +72,34 @@ def pass_at_k(n:int, # samples drawn for the question
     if n - c < k: return 1.0                           # every k-subset holds a correct sample
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
+# %% ../nbs/02ab_evaluate.ipynb #e7a1c002
+def weights_digest(model) -> str:
+    "sha256 over every tensor of `model`'s state dict (name, dtype, shape, bytes): equal digests mean equal weights."
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def _answers_path(model, tok, conversations, max_new_tokens, batch_size) -> Path:
+    "Where the greedy answers of `model` to `conversations` are cached: a hash of everything that decides them."
+    from ftcourse.core import cache_dir
+    device = next(model.parameters()).device.type
+    autocast_dtype = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    what = dict(weights=weights_digest(model), template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
+                conversations=conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                autocast=autocast_dtype, torch=torch.__version__)
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir()/'answers'/f'{key}.json'
+
+def _write_atomic(path:Path, text:str):
+    "Write `text` to `path` through a temporary file and a rename, so a reader never sees half a file."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 # %% ../nbs/02ab_evaluate.ipynb #df03cc7d
 @dataclass
 class JudgeResult:
@@ -107,6 +136,7 @@ class JudgeResult:
 def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split's or the preference split's
                max_new_tokens:int=24, # longest answer
                batch_size:int=16, # rows generated at once
+               cache:bool=True, # reuse answers generated before for the same weights, rows and settings
               ) -> JudgeResult:
     "Greedy answers to every row, judged by `ftcourse.data.judge`; works under a caller's `torch.autocast`."
     rows = list(rows)
@@ -114,8 +144,15 @@ def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split'
     for i, r in enumerate(rows):
         for key in ('answer', 'task'):
             if key not in r: raise ValueError(f"row {i} has no {key!r}: the judge needs each row's answer and task")
-    out = judge_score(model, tok, rows, max_new_tokens, batch_size)
-    return JudgeResult([int(s) for s in out['scores']], out['responses'], [r['task'] for r in rows])
+    conversations = [prompt_messages(r) for r in rows]
+    path = _answers_path(model, tok, conversations, max_new_tokens, batch_size) if cache else None
+    if path is not None and path.exists():
+        responses = json.loads(path.read_text())
+    else:
+        responses = generate_responses(model, tok, conversations, max_new_tokens, batch_size)
+        if path is not None: _write_atomic(path, json.dumps(responses))
+    # the judge runs every time: it is cheap, and a changed judge must not be hidden by the cache
+    return JudgeResult([int(judge(r, a)) for r, a in zip(rows, responses)], responses, [r['task'] for r in rows])
 
 # %% ../nbs/02ab_evaluate.ipynb #98304358
 def compare(base:JudgeResult, # the baseline's results
