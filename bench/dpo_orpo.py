@@ -13,12 +13,13 @@ writes bench/dpo_orpo.md.
 
     python bench/dpo_orpo.py [--steps 8] [--batch 4]
 """
-import argparse, json, os, platform, resource, subprocess, sys, tempfile, time
+import argparse, json, os, platform, resource, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TRL_EXPERIMENTAL_SILENCE', '1')
 
 p = argparse.ArgumentParser()
 p.add_argument('--steps', type=int, default=8); p.add_argument('--batch', type=int, default=4)
+p.add_argument('--repeats', type=int, default=1, help='rounds of the four runs, alternating; medians are reported')
 p.add_argument('--one', default=None, help=argparse.SUPPRESS)
 args = p.parse_args()
 N, B, LR, WARM = args.steps, args.batch, 5e-4, 2
@@ -89,12 +90,15 @@ def child(which):
 if args.one:
     child(args.one); sys.exit()
 
-res = {}
-for which in ('dpo-ours', 'dpo-trl', 'orpo-ours', 'orpo-trl'):
-    out = subprocess.run([sys.executable, __file__, '--steps', str(N), '--batch', str(B), '--one', which], capture_output=True, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
-    if line is None: sys.exit(f"{which} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    res[which] = json.loads(line[7:]); print(which, f"{res[which]['seconds']:.1f} s", flush=True)
+res, seconds = {}, {}
+for _ in range(args.repeats):   # ours and trl alternate, so load from other jobs hits both alike
+    for which in ('dpo-ours', 'dpo-trl', 'orpo-ours', 'orpo-trl'):
+        out = subprocess.run([sys.executable, __file__, '--steps', str(N), '--batch', str(B), '--one', which], capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
+        if line is None: sys.exit(f"{which} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        r = json.loads(line[7:]); print(which, f"{r['seconds']:.1f} s", flush=True)
+        res.setdefault(which, r); seconds.setdefault(which, []).append(r['seconds'])
+for which in res: res[which]['seconds'] = statistics.median(seconds[which])
 
 dev = res['dpo-ours']['device']
 mem = 'peak CUDA memory allocated (MiB)' if dev == 'cuda' else 'peak RSS (MiB), and its increase during the steps'
@@ -105,7 +109,7 @@ lines = ["# DPO and ORPO steps vs trl's DPOTrainer and ORPOTrainer", "",
          f"{N} steps, fp32 on {dev}. DPO: beta 0.1, reference log-probs precomputed by both before the timed steps. ORPO: lambda 0.1, "
          f"NLL over the whole chosen sequence as trl computes it (ours: `nll_on='sequence'`), trl given our tokenization. "
          f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {res['dpo-ours']['threads']}, "
-         f"load average at the end {load[0]:.2f}. Each run in its own process. Run: `python bench/dpo_orpo.py --steps {N} --batch {B}`.", "",
+         f"load average at the end {load[0]:.2f}. Each run in its own process; seconds are medians of {args.repeats} alternating rounds, memory from the first. Run: `python bench/dpo_orpo.py --steps {N} --batch {B}`.", "",
          f"| run | seconds | steps/s | {mem} | saved for backward, one batch (MiB) |", "|---|---|---|---|---|"]
 for w, r in res.items():
     m = f"{r['peak_mib']:.0f}" if dev == 'cuda' else f"{r['peak_mib']:.0f} (+{r['peak_mib'] - r['before_mib']:.0f})"

@@ -4,31 +4,19 @@ Run: python bench/lora.py [--device cpu|cuda] [--reps N] [--md bench/lora.md]
 Both sides get identical weights, adapters and inputs; timings are interleaved (ours, peft, ours, peft, ...) so that
 load on a shared machine hits both alike, and the median is reported. The outputs are checked equal before timing.
 """
-import argparse, copy, os, platform, statistics, sys, time
+import argparse, copy, os, platform
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch, transformers, peft
 from torch import nn
 from peft import LoraConfig, get_peft_model
 from ftcourse.core import set_seed
+from _timing import interleaved_medians, header, load_average
 from ftcourse.lora import LoRALinear, apply_lora, copy_lora_from_peft, peft_lora_layer, count_trainable, as_config, SMOLLM2_135M
 
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize()
-
-def timeit(fn, device, reps):
-    "Per-call seconds of `fn` over `reps` calls (after one warm-up call)."
-    fn(); sync(device)
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter(); fn(); sync(device); out.append(time.perf_counter() - t)
-    return out
-
 def interleaved(fa, fb, device, reps):
-    ta, tb = [], []
-    fa(); fb(); sync(device)
-    for _ in range(reps):
-        ta += timeit(fa, device, 1); tb += timeit(fb, device, 1)
-    return statistics.median(ta), statistics.median(tb)
+    "Median seconds of ours (fa) and peft (fb), alternating, after a warm-up round."
+    m = interleaved_medians({'ours': fa, 'peft': fb}, reps, warmup=1, device=device)
+    return m['ours'], m['peft']
 
 def bench_layer(device, reps, d_in=576, d_out=1536, r=16, tokens=4 * 128):
     set_seed(0)
@@ -76,7 +64,7 @@ def main():
     a = ap.parse_args()
     device = torch.device(a.device)
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    rows = []
+    rows, load0 = [], load_average()
     ly = bench_layer(device, a.reps * 10)
     rows.append(("Linear 576->1536, r=16, 512 tokens, fwd+bwd", *ly))
     for targets, r, label in ((('q_proj', 'v_proj'), 8, 'q,v r=8'), ('all-linear', 16, 'all-linear r=16')):
@@ -84,12 +72,12 @@ def main():
         rows.append((f"SmolLM2-135M arch. {label}, 4x128 tokens, fwd+bwd", *mo))
     lines = [f"# LoRA: ftcourse.lora vs peft (forward + backward)", "",
              f"Device: {dev_name}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; fp32; "
-             f"median of interleaved repeats ({a.reps * 10} for the layer, {a.reps} for the model).", "",
+             f"median of interleaved repeats ({a.reps * 10} for the layer, {a.reps} for the model).", "", header(load0), "",
              "| case | ours (ms) | peft (ms) | ours / peft |", "|---|---:|---:|---:|"]
     lines += [f"| {c} | {o*1e3:.2f} | {p*1e3:.2f} | {o/p:.2f} |" for c, o, p in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.md:
-        with open(a.md, 'a') as f: f.write("\n" + text)
+        with open(a.md, 'w') as f: f.write(text)
 
 if __name__ == '__main__': main()

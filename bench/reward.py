@@ -5,7 +5,7 @@ ratio, and both losses at every step; writes bench/reward.md.
 
     python bench/reward.py [--steps 8]
 """
-import argparse, copy, os, platform, tempfile, time
+import argparse, copy, os, platform, statistics, tempfile, time
 from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
@@ -18,6 +18,7 @@ from ftcourse.train import TrainConfig
 from ftcourse.reward import RewardModel, train_reward
 
 p = argparse.ArgumentParser(); p.add_argument('--steps', type=int, default=8); p.add_argument('--batch', type=int, default=4)
+p.add_argument('--repeats', type=int, default=1, help='rounds of (ours, trl), alternating; medians are reported')
 p.add_argument('--trl-first', action='store_true', help='run trl first (to see whether the order matters on a busy machine)')
 args = p.parse_args()
 N, B, LR, WARM = args.steps, args.batch, 1e-5, 2
@@ -54,8 +55,13 @@ def trl_():
         return dt, [r['loss'] for r in logs], [r['accuracy'] for r in logs]
 
 load = os.getloadavg()
-if args.trl_first: (t_trl, l_trl, a_trl), (t_ours, l_ours, a_ours) = trl_(), ours()
-else: (t_ours, l_ours, a_ours), (t_trl, l_trl, a_trl) = ours(), trl_()
+rounds = []
+for _ in range(args.repeats):   # alternating, so load from other jobs hits both alike
+    if args.trl_first: t, o = trl_(), ours()
+    else: o, t = ours(), trl_()
+    rounds.append((o, t))
+(_, l_ours, a_ours), (_, l_trl, a_trl) = rounds[0]
+t_ours, t_trl = statistics.median(o[0] for o, _ in rounds), statistics.median(t[0] for _, t in rounds)
 load_end = os.getloadavg()
 ratio = (N / t_ours) / (N / t_trl)
 diffs = [abs(a - b) for a, b in zip(l_ours, l_trl)]
@@ -64,7 +70,7 @@ lines = ["# Reward-model training vs trl RewardTrainer", "",
          f"(trl gets them pre-tokenized as `chosen_ids`/`rejected_ids`), full fine-tuning, {B} pairs per step, AdamW lr {LR}, "
          f"{WARM} warmup steps + cosine, clip 1.0, {N} steps, fp32 on CPU. Machine: {platform.processor() or platform.machine()}, "
          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load[0]:.2f} at the start and {load_end[0]:.2f} at the end (a shared machine: other jobs ran too, so the timings are noisy). "
-         f"{'trl ran first. ' if args.trl_first else 'Ours ran first. '}Run: `python bench/reward.py --steps {N}{' --trl-first' if args.trl_first else ''}`.", "",
+         f"Seconds: median of {args.repeats} alternating runs of each. {'trl ran first. ' if args.trl_first else 'Ours ran first. '}Run: `python bench/reward.py --steps {N}{' --trl-first' if args.trl_first else ''}`.", "",
          "| | seconds | steps/s |", "|---|---|---|",
          f"| ours (ftcourse.reward on ftcourse.train) | {t_ours:.1f} | {N / t_ours:.3f} |", f"| trl RewardTrainer | {t_trl:.1f} | {N / t_trl:.3f} |", "",
          f"**Speed ratio (ours / trl, steps per second): {ratio:.2f}**", "",

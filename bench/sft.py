@@ -4,7 +4,7 @@ Prints steps per second of each, their ratio, and the loss of each at every step
 
     python bench/sft.py [--steps 10]
 """
-import argparse, os, platform, tempfile, time
+import argparse, os, platform, statistics, tempfile, time
 from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
@@ -15,6 +15,7 @@ from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn
 from ftcourse.train import TrainConfig, train
 
 p = argparse.ArgumentParser(); p.add_argument('--steps', type=int, default=10); p.add_argument('--batch', type=int, default=4)
+p.add_argument('--repeats', type=int, default=1, help='rounds of (ours, trl), alternating; medians are reported')
 args = p.parse_args()
 N, B, LR, WARM = args.steps, args.batch, 5e-5, 2
 rows = load_course_dataset('sft', 'train').select(range(N * B))
@@ -40,14 +41,16 @@ def trl_():
         t = time.perf_counter(); tr.train(); dt = time.perf_counter() - t
         return dt, [r['loss'] for r in tr.state.log_history if 'loss' in r]
 
-t_ours, l_ours = ours()
-t_trl, l_trl = trl_()
+rounds = [(ours(), trl_()) for _ in range(args.repeats)]   # alternating, so load from other jobs hits both alike
+t_ours, t_trl = statistics.median(o[0] for o, _ in rounds), statistics.median(t[0] for _, t in rounds)
+l_ours, l_trl = rounds[0][0][1], rounds[0][1][1]
 ratio = (N / t_ours) / (N / t_trl)
 diffs = [abs(a - b) for a, b in zip(l_ours, l_trl)]
 lines = [f"# SFT loop vs trl SFTTrainer", "",
          f"Same model (SmolLM2-135M-Instruct, offline copy), same {N * B} rows in order, full fine-tuning, batch {B}, max_len 128, AdamW lr {LR}, "
          f"{WARM} warmup steps + cosine, clip 1.0, {N} steps, fp32 on CPU. Machine: {platform.processor() or platform.machine()}, "
-         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}. Run: `python bench/sft.py --steps {N}`.", "",
+         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}. Seconds: median of {args.repeats} alternating runs of each. "
+         f"Run: `python bench/sft.py --steps {N} --repeats {args.repeats}`.", "",
          "| | seconds | steps/s |", "|---|---|---|",
          f"| ours (ftcourse.train) | {t_ours:.1f} | {N / t_ours:.3f} |", f"| trl SFTTrainer | {t_trl:.1f} | {N / t_trl:.3f} |", "",
          f"**Speed ratio (ours / trl, steps per second): {ratio:.2f}**", "",
