@@ -10,11 +10,13 @@ import json, shutil, subprocess, sys, time
 from dataclasses import asdict
 from pathlib import Path
 import torch
-from .core import DEFAULT_MODEL
+from .core import DEFAULT_MODEL, autocast, eval_mode
+from .evaluate import JudgeResult, judge_eval, compare, wilson_interval, paired_test
 from .runs import (FIXED, RunConfig, ConfigError, base_model, config_yaml, load_reward_run, load_run, read_csv)
 
 # %% auto #0
-__all__ = ['TOUR_ORDER', 'answer_logps', 'evaluate_policy', 'tour_configs', 'tour', 'write_report']
+__all__ = ['TOUR_ORDER', 'answer_logps', 'preference_wins', 'evaluate_policy', 'tour_configs', 'tour', 'significance_rows',
+           'task_rows', 'write_report']
 
 # %% ../nbs/10c_tour.ipynb #f055cd75
 @torch.no_grad()
@@ -23,29 +25,36 @@ def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one an
     "log π(answer | prompt) of each row's answer under `model` (sum over the answer's tokens), and the token counts."
     from ftcourse.sft import build_sft_example, collate_sft, prompt_messages
     from ftcourse.dpo import token_logps
-    exs = [build_sft_example(tok, prompt_messages(r) + [dict(role='assistant', content=a)], max_len) for r, a in zip(rows, answers)]
+    exs = [build_sft_example(tok, prompt_messages(r) + [dict(role='assistant', content=a)], max_len)
+           for r, a in zip(rows, answers)]
     col, dev, out, ns = collate_sft(tok), next(model.parameters()).device, [], []
-    was = model.training; model.eval()
-    try:
+    with eval_mode(model):
         for i in range(0, len(exs), batch_size):
             b = col([dict(input_ids=e['input_ids'], labels=e['labels']) for e in exs[i:i + batch_size]])
-            lp, mask = token_logps(model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits, b['labels'].to(dev))
-            out.append(lp.sum(-1).cpu()); ns.append(mask.sum(-1).cpu())
-    finally: model.train(was)
+            logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits
+            lp, mask = token_logps(logits, b['labels'].to(dev))
+            out.append(lp.float().sum(-1).cpu())
+            ns.append(mask.sum(-1).cpu())
     return torch.cat(out), torch.cat(ns)
+
+def preference_wins(model, tok, pref_rows, max_len:int=128) -> list[int]:
+    "1 for each held-out pair whose chosen answer gets the higher mean log-probability per token under `model`, else 0."
+    text = lambda answer: answer if isinstance(answer, str) else answer[-1]['content']
+    chosen, n_chosen = answer_logps(model, tok, pref_rows, [text(r['chosen']) for r in pref_rows], max_len)
+    rejected, n_rejected = answer_logps(model, tok, pref_rows, [text(r['rejected']) for r in pref_rows], max_len)
+    return [int(w) for w in (chosen / n_chosen.clamp(min=1) > rejected / n_rejected.clamp(min=1)).tolist()]
 
 def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column
                     max_new_tokens:int=24, max_len:int=128) -> dict:
-    "Judge score, preference accuracy, answer length and KL to `start` of a policy; its answers are kept for the reward model."
-    from ftcourse.sft import judge_score
-    from ftcourse.dpo import preference_metrics
-    j = judge_score(model, tok, sft_rows, max_new_tokens)
-    pm = preference_metrics(model, tok, pref_rows, ref=None, max_len=max_len)    # chapter 8's reference-free log-prob metrics
-    res = dict(judge=j['score'], pref_accuracy=pm['logp_accuracy'], pref_margin=pm['logp_margin'], n_pairs=pm['n'], answers=j['responses'])
-    lp, n = answer_logps(model, tok, sft_rows, j['responses'])
-    res['answer_tokens'] = n.float().mean().item()
-    res['kl'] = (lp - answer_logps(start, tok, sft_rows, j['responses'])[0]).mean().item() if start is not None else 0.0
-    return res
+    "Per-row judge results and preference wins, answer length and KL to `start` of a policy, in the hardware's autocast."
+    device = next(model.parameters()).device
+    with autocast(device):
+        judged = judge_eval(model, tok, sft_rows, max_new_tokens)
+        wins = preference_wins(model, tok, pref_rows, max_len)
+        lp, n = answer_logps(model, tok, sft_rows, judged.responses)
+        kl = (lp - answer_logps(start, tok, sft_rows, judged.responses)[0]).mean().item() if start is not None else 0.0
+    return dict(judge=judged.score, judge_correct=judged.correct, tasks=judged.tasks, answers=judged.responses,
+                pref_accuracy=sum(wins) / len(wins), pref_wins=wins, answer_tokens=n.float().mean().item(), kl=kl)
 
 # %% ../nbs/10c_tour.ipynb #e2e6a037
 TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
@@ -59,10 +68,10 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, dpo=5e-4, orpo=5e-4)   # PPO's as in chapter 7
     common = dict(model=model, seed=seed, batch_size=s.batch_size, sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora')
     # the tour scores every policy itself after training, so no run evaluates while it trains
-    own = {m: dict(eval_every=0, n_eval=8 if quick else s.n_eval) for m in TOUR_ORDER}
+    own = {m: dict(eval_every=0, n_eval=8) for m in TOUR_ORDER}
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
-    cfgs = {m: RunConfig(method=m, steps=steps[m], learning_rate=lrs[m], output_dir=str(out/m), **common, **own[m])
+    cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
             for m in TOUR_ORDER}
     for m in ('reward', 'ppo', 'dpo', 'orpo'): cfgs[m].base_run = str(out/'sft')
     return cfgs
@@ -70,7 +79,7 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
 # %% ../nbs/10c_tour.ipynb #80f26a64
 def tour(out:str|Path='runs/tour', # the report folder (it must not hold another tour unless `overwrite`)
          model:str=DEFAULT_MODEL, # the base model (the packaged default needs no hub access)
-         quick:bool=False, # two steps per method and 8 held-out rows: a smoke test of the plumbing
+         quick:bool=False, # two steps per method and 8 held-out rows: a smoke test of the plumbing (else the whole splits)
          overwrite:bool=False, seed:int=0, device=None) -> list[dict]:
     "Run the whole pipeline and write `report.md`, `report.json` and plots to `out`; returns the report's rows."
     from ftcourse.core import get_device, course_settings
@@ -88,9 +97,10 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
     out.mkdir(parents=True)
     cfgs = tour_configs(out, model, quick, seed, device)
     (out/'tour.json').write_text(json.dumps(dict(model=model, quick=quick, seed=seed, runs={m: asdict(c) for m, c in cfgs.items()}), indent=1))
-    n_eval, mnt, s = cfgs['sft'].n_eval, cfgs['ppo'].ppo_max_new_tokens, course_settings(device)
-    sft_rows = list(load_course_dataset('sft', 'test'))[:n_eval]
-    pref_rows = list(load_course_dataset('preference', 'test'))[:n_eval]
+    mnt, s = cfgs['ppo'].ppo_max_new_tokens, course_settings(device)
+    sft_rows, pref_rows = list(load_course_dataset('sft', 'test')), list(load_course_dataset('preference', 'test'))
+    if quick: sft_rows, pref_rows = sft_rows[:8], pref_rows[:8]
+    n_eval = len(sft_rows)                      # every policy is scored on the whole held-out splits
     print(f"== evaluating the starting model ({model}) on {n_eval} held-out questions and pairs", flush=True)
     rows = [dict(method='start', **evaluate_policy(start, tok, sft_rows, pref_rows, None, mnt, s.max_len),
                  trainable_params=0, steps=0, train_seconds=0.0, peak_mb=None)]
@@ -107,14 +117,15 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
                     peak_mb=summ['cuda_peak_mb'] or summ['process_peak_rss_mb'])
         if m == 'reward':
             rm = load_reward_run(out/m, device)[0]
-            r = reward_metrics(rm, tok, pref_rows, batch_size=8, max_len=s.max_len)
+            with autocast(device): r = reward_metrics(rm, tok, pref_rows, batch_size=8, max_len=s.max_len)
             rows.append(dict(info, rm_accuracy=r['accuracy'], rm_margin=r['margin']))
         else:
             policy = load_run(out/m, device)[0]
             rows.append(dict(info, **evaluate_policy(policy, tok, sft_rows, pref_rows, start, mnt, s.max_len)))
             del policy
     for r in rows:       # every policy's answers scored by the same reward model
-        if 'answers' in r: r['reward'] = reward_model_reward(rm, tok)(sft_rows, r['answers']).mean().item()
+        if 'answers' in r:
+            with autocast(device): r['reward'] = reward_model_reward(rm, tok)(sft_rows, r['answers']).mean().item()
     write_report(out, rows, hists, sft_rows, dict(model=model, n_eval=n_eval, quick=quick, seconds=time.time() - t_start, device=str(device)))
     return rows
 
@@ -122,36 +133,93 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
 def _fmt(v, spec):
     return '—' if v is None else format(v, spec)
 
+def _interval(successes:int, n:int) -> str:
+    low, high = wilson_interval(successes, n)
+    return f"{successes / n:.3f} [{low:.3f}, {high:.3f}]"
+
+def significance_rows(rows:list[dict], baseline:str='sft') -> list[dict]:
+    "Each policy against `baseline` on the same rows: judge and preference scores with Wilson intervals, differences, McNemar p."
+    base = next(r for r in rows if r['method'] == baseline)
+    out = []
+    for r in rows:
+        if 'judge_correct' not in r: continue
+        judge = compare(JudgeResult(base['judge_correct'], base['answers'], base['tasks']),
+                        JudgeResult(r['judge_correct'], r['answers'], r['tasks']))
+        n, n_pairs = len(r['judge_correct']), len(r['pref_wins'])
+        same = r['method'] == baseline
+        out.append(dict(method=r['method'], judge=_interval(sum(r['judge_correct']), n), judge_diff=judge['diff'],
+                        judge_p=None if same else judge['p'], pref=_interval(sum(r['pref_wins']), n_pairs),
+                        pref_diff=r['pref_accuracy'] - base['pref_accuracy'],
+                        pref_p=None if same else paired_test(base['pref_wins'], r['pref_wins'])))
+    return out
+
+def task_rows(rows:list[dict]) -> tuple[list[str], dict]:
+    "The tasks, and for each policy its judge score per task (on the same held-out questions)."
+    pol = [r for r in rows if 'judge_correct' in r]
+    tasks = sorted(set(pol[0]['tasks']))
+    per_task = {}
+    for r in pol:
+        per_task[r['method']] = {t: sum(c for c, tt in zip(r['judge_correct'], r['tasks']) if tt == t) /
+                                    sum(tt == t for tt in r['tasks']) for t in tasks}
+    return tasks, per_task
+
 def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict):
-    "report.md (the side-by-side table, plots, sample answers), report.json and the PNG plots, in `out`."
-    import matplotlib; import matplotlib.pyplot as plt
+    "report.md (intervals, paired tests against SFT, per-task scores, plots, sample answers), report.json and the PNG plots."
+    import matplotlib.pyplot as plt
     pol = [r for r in rows if 'judge' in r]
+    sig = significance_rows(rows) if any(r['method'] == 'sft' for r in pol) else []
     fig, axs = plt.subplots(1, 4, figsize=(15, 3.2))
-    for ax, (k, title) in zip(axs, [('judge', 'judge score (held-out)'), ('pref_accuracy', 'preference accuracy'),
+    for ax, (k, title) in zip(axs, [('judge', 'judge score (held-out, 95% Wilson)'), ('pref_accuracy', 'preference accuracy (95% Wilson)'),
                                      ('reward', 'reward-model score'), ('kl', 'KL to the start (nats/answer)')]):
-        ax.bar([r['method'] for r in pol], [r.get(k) or 0 for r in pol], color=[f'C{i}' for i in range(len(pol))])
-        ax.set_title(title, fontsize=10); ax.tick_params(axis='x', labelsize=8)
+        heights = [r.get(k) or 0 for r in pol]
+        errors = None
+        if k in ('judge', 'pref_accuracy'):
+            ones = [r['judge_correct'] if k == 'judge' else r['pref_wins'] for r in pol]
+            bounds = [wilson_interval(sum(o), len(o)) for o in ones]
+            errors = [[h - lo for h, (lo, _) in zip(heights, bounds)], [hi - h for h, (_, hi) in zip(heights, bounds)]]
+        ax.bar([r['method'] for r in pol], heights, yerr=errors, capsize=3, color=[f'C{i}' for i in range(len(pol))])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis='x', labelsize=8)
     fig.tight_layout(); fig.savefig(out/'metrics.png', dpi=110); plt.close(fig)
     fig, axs = plt.subplots(1, len(hists), figsize=(3.2 * len(hists), 2.8))
     for ax, (m, h) in zip(axs if len(hists) > 1 else [axs], hists.items()):
         key = 'loss' if any('loss' in r for r in h) else next((k for k in ('mean_reward', 'reward') if any(k in r for r in h)), None)
         if key:
             xs, ys = zip(*[(r['step'], r[key]) for r in h if key in r])
-            ema, sm = ys[0], []
-            for y in ys: ema = 0.8 * ema + 0.2 * y; sm.append(ema)
-            ax.plot(xs, ys, marker='.', alpha=0.35); ax.plot(xs, sm, color='C0', label='moving average')
+            ema, smooth = ys[0], []
+            for y in ys:
+                ema = 0.8 * ema + 0.2 * y
+                smooth.append(ema)
+            ax.plot(xs, ys, marker='.', alpha=0.35); ax.plot(xs, smooth, color='C0', label='moving average')
         ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step' if m != 'ppo' else 'iteration')
     fig.tight_layout(); fig.savefig(out/'training.png', dpi=110); plt.close(fig)
+    n, n_pairs = meta['n_eval'], len(pol[0]['pref_wins']) if pol else 0
     lines = [f"# ftcourse tour: {meta['model']}", '',
-             f"SFT with LoRA, then from the SFT model a reward model, PPO, DPO and ORPO; every policy scored on the same "
-             f"{meta['n_eval']} held-out questions and preference pairs. Device: {meta['device']}. Whole tour: {meta['seconds']/60:.1f} min"
-             + (' (quick smoke-test settings: the numbers mean nothing)' if meta['quick'] else '') + '.', '',
-             '| method | judge | pref. accuracy | reward | KL to start | answer tokens | trainable params | steps | train time (s) | peak memory (MB) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             f"SFT with LoRA, then from the SFT model a reward model and each preference or reinforcement method; every policy "
+             f"scored on the same {n} held-out questions and {n_pairs} held-out preference pairs. Device: {meta['device']}. "
+             f"Whole tour: {meta['seconds']/60:.1f} min" + (' (quick smoke-test settings: the numbers mean nothing)' if meta['quick'] else '') + '.', '',
+             '## Against the SFT model, with 95% intervals', '',
+             'Judge score and preference accuracy with 95% Wilson intervals; the difference from the SFT model and the exact '
+             'McNemar p-value on the same rows (the paired test: only rows where the two models disagree count).', '',
+             '| method | judge [95%] | Δ judge | p (judge) | pref. accuracy [95%] | Δ pref. | p (pref.) |', '|---|---|---|---|---|---|---|']
+    for r in sig:
+        lines.append(f"| {r['method']} | {r['judge']} | {r['judge_diff']:+.3f} | {_fmt(r['judge_p'], '.2g')} | {r['pref']} | "
+                     f"{r['pref_diff']:+.3f} | {_fmt(r['pref_p'], '.2g')} |")
+    lines += ['', '## Every run', '',
+              '| method | judge | pref. accuracy | reward | KL to start | answer tokens | trainable params | steps | train time (s) | peak memory (MB) |',
+              '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         acc = _fmt(r.get('pref_accuracy'), '.3f') if 'judge' in r else f"{r['rm_accuracy']:.3f} (reward model)"
         lines.append(f"| {r['method']} | {_fmt(r.get('judge'), '.3f')} | {acc} | {_fmt(r.get('reward'), '.3f')} | {_fmt(r.get('kl'), '.2f')} | "
                      f"{_fmt(r.get('answer_tokens'), '.1f')} | {r['trainable_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | {_fmt(r['peak_mb'], '.0f')} |")
+    if pol:
+        tasks, per_task = task_rows(rows)
+        counts = {t: sum(tt == t for tt in pol[0]['tasks']) for t in tasks}
+        lines += ['', '## Judge score per task', '',
+                  f"Each task has {min(counts.values())} to {max(counts.values())} held-out questions: a difference of a "
+                  "few questions within one task is noise.", '',
+                  '| task | n | ' + ' | '.join(per_task) + ' |', '|---|---|' + '---|' * len(per_task)]
+        lines += [f"| {t} | {counts[t]} | " + ' | '.join(f"{per_task[m][t]:.2f}" for m in per_task) + ' |' for t in tasks]
     lines += ['', 'Peak memory is the training process\'s peak resident memory (each run is a process of its own; on a GPU, the peak '
               'CUDA allocation), model included. Train time includes loading the model and data.',
               '', '![held-out metrics](metrics.png)', '', '![training curves](training.png)', '', '## Sample answers', '']
@@ -161,4 +229,5 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
     lines += ['Each method\'s run folder (config.yaml, metrics.csv, trainable.safetensors) is next to this report; '
               '`ftcourse chat --run <folder>` talks to a policy.']
     (out/'report.md').write_text('\n'.join(lines) + '\n')
-    (out/'report.json').write_text(json.dumps(dict(meta=meta, rows=[{k: v for k, v in r.items() if k != 'answers'} for r in rows]), indent=1))
+    keep = lambda r: {k: v for k, v in r.items() if k not in ('answers', 'tasks')}
+    (out/'report.json').write_text(json.dumps(dict(meta=meta, rows=[keep(r) for r in rows], against_sft=sig), indent=1))
