@@ -7,9 +7,7 @@ Docs: https://ftcourse.github.io/ftcourse/methods.html.md"""
 # %% ../nbs/10b_methods.ipynb #848d33c2
 from __future__ import annotations
 import json, threading, time
-from contextlib import contextmanager
 from dataclasses import fields
-from functools import partial
 from pathlib import Path
 import torch
 from .core import set_seed
@@ -18,7 +16,7 @@ from .runs import (build_model, check_output_dir, is_main_process, load_reward_r
                            save_trainable, wait_for_everyone, write_csv)
 
 # %% auto #0
-__all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'loop_resumes', 'fit', 'run', 'PeakRSS']
+__all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'fit', 'run', 'PeakRSS']
 
 # %% ../nbs/10b_methods.ipynb #c0cae95c
 def _kind(method:str) -> str: return 'sft' if method == 'sft' else 'preference'
@@ -93,39 +91,23 @@ def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
                           "raise sequence_len")
     return kept
 
-@contextmanager
-def loop_resumes(module, resume:bool):
-    "Inside, `module.train` (a chapter's import of the loop) resumes from the latest checkpoint in its `out_dir`."
-    # train_reward, train_dpo and train_orpo do not pass `resume` on to the loop: until they do, their module's `train`
-    # is the loop with resume=True for the length of the call
-    if not resume:
-        yield
-        return
-    from ftcourse.train import train
-    module.train = partial(train, resume=True)
-    try: yield
-    finally: module.train = train
-
 def _fit_sft(cfg, model, tok, train_rows, eval_rows, tcfg):
     return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len, resume=cfg.resume)
 
 def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import reward
     rm = reward.RewardModel.from_causal_lm(model)
-    with loop_resumes(reward, cfg.resume):
-        return rm, reward.train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
+    return rm, reward.train_reward(rm, tok, train_rows, eval_rows, tcfg, max_len=cfg.sequence_len)
 
 def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import dpo
-    with loop_resumes(dpo, cfg.resume):
-        return model, dpo.train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
-                                    max_len=cfg.sequence_len)
+    return model, dpo.train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
+                                max_len=cfg.sequence_len)
 
 def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import orpo
-    with loop_resumes(orpo, cfg.resume):
-        return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda,
-                                      max_len=cfg.sequence_len)
+    return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda,
+                                  max_len=cfg.sequence_len)
 
 def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward

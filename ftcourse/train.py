@@ -40,6 +40,7 @@ class TrainConfig:
     progress:bool = True                 # show a progress bar
     log_with:list|None = None            # Accelerate trackers to log to as well, e.g. ['tensorboard']
     strategy:str = 'ddp'                 # several processes: 'ddp' (whole model in each) or 'fsdp' (sharded, FSDP2)
+    resume:bool = False                  # continue from the latest checkpoint in out_dir (as `train(..., resume=True)`)
 
 # %% ../nbs/02b_train.ipynb #80c39c64
 def cosine_with_warmup(step:int, warmup:int, total:int) -> float:
@@ -231,7 +232,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
           eval_data=None, # held-out examples for `loss_fn`'s mean
           eval_fn=None, # `eval_fn(model) -> dict` of extra metrics (e.g. the judge's score)
           params=None, # what to train (default: every parameter with requires_grad)
-          resume:bool=False, # continue from the latest checkpoint in cfg.out_dir
+          resume:bool=False, # continue from the latest checkpoint in cfg.out_dir (or set `cfg.resume`)
          ) -> History:
     "Train `model` with `loss_fn` for `cfg.steps` optimizer steps; returns the metrics history."
     cfg = cfg or TrainConfig()
@@ -262,7 +263,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
     if not fsdp: model, opt = acc.prepare(model, opt)
     hist, start = History(), 0
-    if resume and (ck := latest_checkpoint(cfg.out_dir)) is not None:
+    if (resume or cfg.resume) and (ck := latest_checkpoint(cfg.out_dir)) is not None:
         st = load_checkpoint(ck, model, opt, sched); start = st['step']; hist = History(st['history'])
         if acc.is_main_process: print(f"resumed from {ck} at step {start}")
     log = Path(cfg.out_dir)/'metrics.jsonl' if cfg.out_dir and acc.is_main_process else None
@@ -334,6 +335,9 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         acc.wait_for_everyone()            # no process runs ahead of a checkpoint being written
     if cfg.log_with: acc.end_training()
     _reshard(model)
+    # drop the autocast wrapper from forward: after training, the model runs in the precision its caller chooses
+    if fsdp: vars(model).pop('forward', None)
+    else: acc.unwrap_model(model, keep_fp32_wrapper=False)
     _unwrap(model).eval()
     return hist
 
