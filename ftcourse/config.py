@@ -122,7 +122,6 @@ FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosi
                       weight_decay=(0.01, "train_ppo's AdamW uses torch's default weight decay, 0.01"),
                       eval_every=(0, "train_ppo does not evaluate on held-out rows"),
                       log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
-                      mixed_precision=('no', "train_ppo runs in the model's dtype, without autocast"),
                       save_every=(0, "train_ppo's loop writes no checkpoints"),
                       resume=(False, "train_ppo's loop writes no checkpoints to resume from"),
                       strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")))

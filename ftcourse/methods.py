@@ -121,7 +121,7 @@ def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size,
                      mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2), ppo_epochs=cfg.ppo_epochs,
                      lr=cfg.lr, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
-                     max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
+                     max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, mixed_precision=cfg.mixed_precision)
     return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
 
 # each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`; a new method
