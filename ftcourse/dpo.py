@@ -1,4 +1,4 @@
-"""From the KL-regularised RLHF objective to a classification loss on preference pairs: sequence log-probabilities, the DPO loss and its implicit reward, three ways to hold the reference, proofs against trl's DPOTrainer, and LoRA-DPO of the real model on the course preference set.
+"""From the KL-regularised RLHF objective to a classification loss on preference pairs: sequence log-probabilities, the DPO loss and its implicit reward, three ways to hold the reference, proofs against trl's DPOTrainer; the DPO family (IPO, SimPO, KTO) proven equal to trl; and DPO after SFT on the real model, measured on the whole held-out preference split.
 
 Docs: https://ftcourse.github.io/ftcourse/dpo.html.md"""
 
@@ -6,21 +6,24 @@ Docs: https://ftcourse.github.io/ftcourse/dpo.html.md"""
 
 # %% ../nbs/08_dpo.ipynb #f746bcdb
 from __future__ import annotations
-import copy, inspect, time
+import copy, inspect
 from contextlib import contextmanager, nullcontext
-from collections.abc import Iterable
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .sft import IGNORE_INDEX, preference_dataset, collate_preference
+from .core import eval_mode, autocast
+from .sft import IGNORE_INDEX, preference_dataset, collate_preference, collate_sft
 from .train import TrainConfig, train, History, batch_indices
 from .lora import lora_layers, adapters_disabled
+from .reward import pair_metrics
 
 # %% auto #0
-__all__ = ['TRL_DPO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span', 'concatenated_logps', 'dpo_loss',
-           'pair_metrics', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy', 'reference_logps', 'dpo_loss_fn',
-           'trl_dpo_trainer', 'trl_loss_metrics', 'compare_metrics', 'evaluate_pairs', 'train_dpo',
-           'preference_metrics']
+__all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
+           'model_logps', 'concatenated_logps', 'dpo_loss', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy',
+           'reference_model', 'reference_logps', 'dpo_loss_fn', 'trl_trainer', 'trl_dpo_trainer', 'trl_paired_batch',
+           'trl_loss_metrics', 'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'evaluate_pairs',
+           'train_dpo', 'pair_logps', 'preference_accuracy', 'preference_metrics', 'ipo_loss', 'simpo_loss',
+           'kto_reference_point', 'kto_loss', 'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
 
 # %% ../nbs/08_dpo.ipynb #cbe0035b
 def aligned_logps(logits:torch.Tensor, # (N, T, V), position t scores target t (already shifted)
@@ -58,22 +61,32 @@ def _takes_logits_to_keep(model) -> bool:
     m = getattr(model, 'module', model)
     return 'logits_to_keep' in inspect.signature(m.forward).parameters
 
+def model_logps(model, input_ids:torch.Tensor, # (N, T)
+                attention_mask:torch.Tensor, # (N, T)
+                labels:torch.Tensor, # (N, T) target ids, -100 on the prompt and the padding
+                keep_span:bool=True, # compute logits only over the answer span (`logits_to_keep`)
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    "One forward of `model`: log π(y|x) of each row (the sum over its answer tokens) and its answer-token count, both (N,)."
+    if keep_span and _takes_logits_to_keep(model):
+        lo, hi = answer_span(labels)
+        keep = torch.arange(lo, hi, device=input_ids.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+        lp, mask = aligned_logps(logits, labels[:, lo + 1:hi + 1])   # the logit at position lo+j predicts token lo+j+1
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        lp, mask = token_logps(logits, labels)
+    return lp.sum(-1), mask.sum(-1)
+
 def concatenated_logps(model, batch:dict, # `input_ids`, `attention_mask`, `labels` of shape (2B, T), chosen rows first
                        average:bool=False, # length-normalise (mean per answer token) instead of summing
                        keep_span:bool=True, # compute logits only over the answer span (`logits_to_keep`)
                       ) -> dict:
     "One forward over chosen and rejected: `chosen`/`rejected` log-probs (B,), and answer-token counts."
-    ids, am, labels = batch['input_ids'], batch['attention_mask'], batch['labels']
-    if keep_span and _takes_logits_to_keep(model):
-        lo, hi = answer_span(labels)
-        keep = torch.arange(lo, hi, device=ids.device)
-        logits = model(input_ids=ids, attention_mask=am, logits_to_keep=keep, use_cache=False).logits
-        lp, mask = aligned_logps(logits, labels[:, lo + 1:hi + 1])   # the logit at position lo+j predicts token lo+j+1
-    else: lp, mask = token_logps(model(input_ids=ids, attention_mask=am, use_cache=False).logits, labels)
-    n = mask.sum(-1); s = lp.sum(-1)
-    s = s / n.clamp(min=1) if average else s
-    c, r = s.chunk(2); nc, nr = n.chunk(2)
-    return dict(chosen=c, rejected=r, n_chosen=nc, n_rejected=nr)
+    logps, n = model_logps(model, batch['input_ids'], batch['attention_mask'], batch['labels'], keep_span)
+    if average: logps = logps / n.clamp(min=1)
+    chosen, rejected = logps.chunk(2)
+    n_chosen, n_rejected = n.chunk(2)
+    return dict(chosen=chosen, rejected=rejected, n_chosen=n_chosen, n_rejected=n_rejected)
 
 # %% ../nbs/08_dpo.ipynb #d8899c1a
 def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
@@ -88,18 +101,13 @@ def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
-def pair_metrics(chosen_rewards:torch.Tensor, rejected_rewards:torch.Tensor) -> dict:
-    "Mean chosen and rejected reward, accuracy (chosen > rejected) and margin, as floats."
-    return dict(chosen_reward=chosen_rewards.mean().item(), rejected_reward=rejected_rewards.mean().item(),
-                accuracy=(chosen_rewards > rejected_rewards).float().mean().item(),
-                margin=(chosen_rewards - rejected_rewards).mean().item())
-
 # %% ../nbs/08_dpo.ipynb #88bce164
 def collate_dpo(tok, padding_side:str='right'):
     "`collate_preference` plus `n_items` (pairs) and, if the examples have them, `ref_chosen_logps`/`ref_rejected_logps`."
     pref = collate_preference(tok, padding_side)
     def collate(examples):
-        b = pref(examples); b['n_items'] = len(examples)
+        b = pref(examples)
+        b['n_items'] = len(examples)
         for k in ('ref_chosen_logps', 'ref_rejected_logps'):
             if k in examples[0]: b[k] = torch.tensor([float(e[k]) for e in examples])
         return b
@@ -111,17 +119,16 @@ def precompute_ref_logps(ref:nn.Module, # the reference model (e.g. the policy b
                          tok, batch_size:int=8,
                          adapters:bool=True, # False: run `ref` with its LoRA adapters disabled
                         ) -> list[dict]:
-    "Copies of `examples` with `ref_chosen_logps` and `ref_rejected_logps` from one pass of `ref`."
-    was = ref.training; ref.eval(); col = collate_dpo(tok); out = []
+    "Copies of `examples` with `ref_chosen_logps` and `ref_rejected_logps` from one pass of `ref` (in the caller's autocast)."
+    col, out = collate_dpo(tok), []
     dev = next(ref.parameters()).device
-    try:
-        with (nullcontext() if adapters else adapters_disabled(ref)):
-            for i in range(0, len(examples), batch_size):
-                chunk = [examples[j] for j in range(i, min(i + batch_size, len(examples)))]
-                b = col(chunk)
-                lp = concatenated_logps(ref, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')})
-                out += [dict(e, ref_chosen_logps=c.item(), ref_rejected_logps=r.item()) for e, c, r in zip(chunk, lp['chosen'], lp['rejected'])]
-    finally: ref.train(was)
+    with eval_mode(ref), (nullcontext() if adapters else adapters_disabled(ref)):
+        for i in range(0, len(examples), batch_size):
+            chunk = [examples[j] for j in range(i, min(i + batch_size, len(examples)))]
+            b = col(chunk)
+            lp = concatenated_logps(ref, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')})
+            out += [dict(e, ref_chosen_logps=c.item(), ref_rejected_logps=r.item())
+                    for e, c, r in zip(chunk, lp['chosen'], lp['rejected'])]
     return out
 
 def frozen_copy(model:nn.Module) -> nn.Module:
@@ -131,51 +138,93 @@ def frozen_copy(model:nn.Module) -> nn.Module:
     return ref
 
 # %% ../nbs/08_dpo.ipynb #f90641af
-def reference_logps(model, batch:dict, ref_model:nn.Module|None=None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Reference log-probs of the batch's chosen and rejected answers: precomputed in `batch`, from `ref_model`, or adapters off."
-    if 'ref_chosen_logps' in batch: return batch['ref_chosen_logps'], batch['ref_rejected_logps']
+@contextmanager
+def reference_model(model, ref_model:nn.Module|None=None):
+    "The model that scores the reference, without gradients: `ref_model`, else `model` with its adapters switched off."
     if ref_model is None and not lora_layers(model):
         raise ValueError("no reference: the batch has no precomputed ref log-probs, no ref_model was given, "
                          "and the model has no LoRA adapters to disable")
     with torch.no_grad(), (nullcontext() if ref_model is not None else adapters_disabled(model)):
-        lp = concatenated_logps(ref_model if ref_model is not None else model, batch)
+        yield ref_model if ref_model is not None else model
+
+def reference_logps(model, batch:dict, ref_model:nn.Module|None=None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Reference log-probs of the batch's chosen and rejected answers: precomputed in `batch`, from `ref_model`, or adapters off."
+    if 'ref_chosen_logps' in batch: return batch['ref_chosen_logps'], batch['ref_rejected_logps']
+    with reference_model(model, ref_model) as ref: lp = concatenated_logps(ref, batch)
     return lp['chosen'], lp['rejected']
 
-def dpo_loss_fn(beta:float=0.1, # the KL coefficient β
+LOSS_TYPES = ('sigmoid', 'ipo', 'simpo')   # DPO, IPO, SimPO: trl's names
+
+def dpo_loss_fn(beta:float=0.1, # the KL coefficient β (SimPO: the reward scale)
                 ref_model:nn.Module|None=None, # a frozen reference; None: precomputed in the batch, or adapters disabled
+                loss_type:str='sigmoid', # 'sigmoid' (DPO), 'ipo' or 'simpo' (no reference); see the DPO family below
+                gamma:float=0.5, # SimPO's target margin γ
                ):
-    "`loss_fn(model, batch) -> (loss, metrics)` for `ftcourse.train.train`: DPO on a `collate_dpo` batch."
+    "`loss_fn(model, batch) -> (loss, metrics)` for `ftcourse.train.train`: DPO (or IPO, SimPO) on a `collate_dpo` batch."
+    if loss_type not in LOSS_TYPES: raise ValueError(f"loss_type={loss_type!r}: use one of {LOSS_TYPES}")
     def loss_fn(model, batch):
-        rc, rr = reference_logps(model, batch, ref_model)
         lp = concatenated_logps(model, batch)
-        loss, cr, rjr = dpo_loss(lp['chosen'], lp['rejected'], rc, rr, beta)
-        m = pair_metrics(cr, rjr)
-        return loss, dict(loss=loss.item(), n_items=len(cr), chosen_logps=lp['chosen'].detach().mean().item(),
-                          rejected_logps=lp['rejected'].detach().mean().item(), **m)
+        chosen, rejected = lp['chosen'], lp['rejected']
+        if loss_type == 'simpo':        # SimPO's reward is the mean log-prob per token, with no reference
+            chosen, rejected = chosen / lp['n_chosen'].clamp(min=1), rejected / lp['n_rejected'].clamp(min=1)
+            loss, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, beta, gamma)
+        else:
+            ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
+            if loss_type == 'sigmoid':
+                loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+            else:
+                loss, chosen_rewards, rejected_rewards = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
+                                                                  lp['n_chosen'], lp['n_rejected'])
+        return loss, dict(loss=loss.item(), n_items=len(chosen), chosen_logps=chosen.detach().mean().item(),
+                          rejected_logps=rejected.detach().mean().item(),
+                          **pair_metrics(chosen_rewards, rejected_rewards))
     return loss_fn
 
 # %% ../nbs/08_dpo.ipynb #efa42cae
 TRL_DPO_METRICS = dict(chosen_reward='rewards/chosen', rejected_reward='rewards/rejected', accuracy='rewards/accuracies',
                        margin='rewards/margins', chosen_logps='logps/chosen', rejected_logps='logps/rejected')
 
-def trl_dpo_trainer(model, tok, rows, # the policy, its tokenizer, and preference rows (prompt/chosen/rejected)
-                    ref_model=None, # trl's reference (None: trl decides; pass one for a plain model)
-                    beta:float=0.1, max_len:int=128,
-                    **config # more `DPOConfig` fields, e.g. `precompute_ref_log_probs=True`
-                   ):
-    "A real trl `DPOTrainer` over `rows`, on the CPU (a proof in fp32, the same on every machine), logging nowhere."
+def trl_trainer(kind:str, # 'dpo' (`DPOTrainer`), 'cpo' (`trl.experimental.cpo.CPOTrainer`, SimPO's) or 'kto' (`KTOTrainer`)
+                model, tok, rows, # the policy, its tokenizer, and preference rows (prompt/chosen/rejected)
+                ref_model=None, # trl's reference (not for 'cpo'; None: trl decides)
+                max_len:int=128,
+                **config # fields of the trainer's config, e.g. `beta`, `loss_type`, `precompute_ref_log_probs`
+               ):
+    "A real trl trainer over `rows`, on the CPU (a proof in fp32, the same on every machine), logging nowhere, one batch of all rows."
     import tempfile
     from datasets import Dataset
     from ftcourse.core import require
     trl = require('trl')
+    if kind == 'dpo': Config, Trainer = trl.DPOConfig, trl.DPOTrainer
+    elif kind == 'kto': Config, Trainer = trl.KTOConfig, trl.KTOTrainer
+    elif kind == 'cpo':
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+    else: raise ValueError(f"kind={kind!r}: use 'dpo', 'cpo' or 'kto'")
     ds = Dataset.from_list([dict(prompt=r['prompt'], chosen=r['chosen'], rejected=r['rejected']) for r in rows])
-    args = trl.DPOConfig(**{**dict(output_dir=tempfile.mkdtemp(), beta=beta, max_length=max_len, report_to=[],
-                                   use_cpu=True, bf16=False, dataset_num_proc=None,
-                                   per_device_train_batch_size=len(ds), save_strategy='no', disable_tqdm=True), **config})
-    return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=tok)
+    n = 2 * len(ds) if kind == 'kto' else len(ds)     # KTO unpairs every pair into two examples
+    args = Config(**{**dict(output_dir=tempfile.mkdtemp(), max_length=max_len, report_to=[], use_cpu=True, bf16=False,
+                            dataset_num_proc=None, per_device_train_batch_size=n, save_strategy='no', disable_tqdm=True),
+                     **config})
+    refs = {} if kind == 'cpo' else dict(ref_model=ref_model)
+    return Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, **refs)
+
+def trl_dpo_trainer(model, tok, rows, # the policy, its tokenizer, and preference rows (prompt/chosen/rejected)
+                    ref_model=None, # trl's reference (None: trl decides; pass one for a plain model)
+                    beta:float=0.1, max_len:int=128,
+                    **config # more `DPOConfig` fields, e.g. `precompute_ref_log_probs=True`, `loss_type=['ipo']`
+                   ):
+    "A real trl `DPOTrainer` over `rows` (`trl_trainer('dpo', ...)`)."
+    return trl_trainer('dpo', model, tok, rows, ref_model, max_len, beta=beta, **config)
+
+def trl_paired_batch(batch:dict) -> dict:
+    "A `collate_dpo` batch (2B rows, chosen first) in the format of trl's CPO and ORPO trainers: `chosen_*` and `rejected_*`."
+    B = len(batch['input_ids']) // 2
+    halves = dict(chosen=slice(0, B), rejected=slice(B, None))
+    return {f'{side}_{k}': batch[k][rows] for side, rows in halves.items() for k in ('input_ids', 'attention_mask', 'labels')}
 
 def trl_loss_metrics(trainer, model, batch:dict) -> tuple[torch.Tensor, dict]:
-    "trl's loss on `batch` through `trainer.compute_loss`, and the metrics it logged for that call."
+    "trl's loss on `batch` and the metrics it logged for that call (`compute_loss`; CPO: `get_batch_loss_metrics`)."
+    if hasattr(trainer, 'get_batch_loss_metrics'): return trainer.get_batch_loss_metrics(model, batch, 'train')
     trainer._metrics['train'].clear()
     loss = trainer.compute_loss(model, batch)
     return loss, {k: v[-1] for k, v in trainer._metrics['train'].items()}
@@ -184,22 +233,56 @@ def compare_metrics(ours:dict, theirs:dict, names:dict) -> dict:
     "`{our name: (ours, theirs, |difference|)}` for each pair of names in `names` (ours -> theirs)."
     return {k: (ours[k], theirs[t], abs(ours[k] - theirs[t])) for k, t in names.items()}
 
+# %% ../nbs/08_dpo.ipynb #9ffce9a4
+def _grads(model, loss) -> dict:
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+def compare_with_trl(trainer, model, # a trl trainer built around `model`
+                     trl_batch:dict, # a batch in trl's format
+                     loss_fn, # ours, `loss_fn(model, batch) -> (loss, metrics)`
+                     batch:dict, # the same examples in our format
+                     names:dict, # our metric name -> trl's
+                    ) -> dict:
+    "trl's and our loss, metrics and gradients on the same weights, in training mode: the numbers and their differences."
+    model.train()
+    loss_trl, metrics_trl = trl_loss_metrics(trainer, model, trl_batch)
+    grads_trl = _grads(model, loss_trl)
+    loss, metrics = loss_fn(model, batch)
+    grads = _grads(model, loss)
+    if grads.keys() != grads_trl.keys() or not grads: raise ValueError("the two losses reach different parameters")
+    grad_diff = max(((grads[n] - grads_trl[n]).abs().max() / grads_trl[n].abs().max().clamp(min=1e-12)).item() for n in grads)
+    return dict(loss=loss.item(), loss_trl=loss_trl.item(), metrics=compare_metrics(metrics, metrics_trl, names), grad_diff=grad_diff)
+
+def assert_matches_trl(result:dict, # from `compare_with_trl`
+                       rtol:float=1e-5, # on the loss and on every metric (absolute below 1)
+                       grad_rtol:float=1e-4, # on each gradient, relative to its tensor's largest entry
+                      ):
+    "Print the comparison and raise an AssertionError where ours and trl's differ beyond the tolerances."
+    print(f"loss: ours {result['loss']:.7f}  trl {result['loss_trl']:.7f}")
+    for k, (a, b, d) in result['metrics'].items(): print(f"{k:16s} ours {a:+.6f}  trl {b:+.6f}  |diff| {d:.1e}")
+    print(f"largest gradient difference, relative to the tensor's largest entry: {result['grad_diff']:.1e}")
+    assert abs(result['loss'] - result['loss_trl']) <= rtol * abs(result['loss_trl']) + 1e-7, "losses differ"
+    for k, (a, b, d) in result['metrics'].items(): assert d <= rtol * max(1, abs(b)), f"{k}: ours {a}, trl {b}"
+    assert result['grad_diff'] < grad_rtol, f"gradients differ by {result['grad_diff']:.1e}"
+
 # %% ../nbs/08_dpo.ipynb #b326b935
 @torch.no_grad()
 def evaluate_pairs(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)` with `n_items` in the metrics
                    examples:list[dict], collate_fn, batch_size:int=8) -> dict:
     "Every float metric of `loss_fn` over `examples`, averaged with weights `n_items` (in eval mode, no gradients)."
-    was = model.training; model.eval(); tot, n = {}, 0
+    sums, n = {}, 0
     dev = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             b = collate_fn([examples[j] for j in range(i, min(i + batch_size, len(examples)))])
             _, m = loss_fn(model, {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()})
-            c = m['n_items']; n += c
+            n += m['n_items']
             for k, v in m.items():
-                if k != 'n_items' and isinstance(v, (int, float)): tot[k] = tot.get(k, 0.0) + v * c
-    finally: model.train(was)
-    return {k: v / max(n, 1) for k, v in tot.items()}
+                if k != 'n_items' and isinstance(v, (int, float)): sums[k] = sums.get(k, 0.0) + v * m['n_items']
+    return {k: v / max(n, 1) for k, v in sums.items()}
 
 def _examples(rows, tok, max_len, verbose):
     rows = rows if isinstance(rows, list) else list(rows)
@@ -215,50 +298,191 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
               max_len:int=128, # longest prompt + answer in tokens; longer pairs are dropped and counted
               eval_fn=None, # extra `eval_fn(model) -> dict` (e.g. the judge), merged into the evaluation
               verbose:bool=True, # print the data report
+              loss_type:str='sigmoid', # 'sigmoid' (DPO), 'ipo', or 'simpo' (which needs no reference)
+              gamma:float=0.5, # SimPO's target margin
              ) -> History:
     "DPO with `ftcourse.train.train`: returns the history (loss, rewards, accuracy, margin; eval_* on `eval_rows`)."
     cfg = cfg or TrainConfig()
-    if reference not in ('precomputed', 'frozen', 'adapters'): raise ValueError(f"reference={reference!r}: use 'precomputed', 'frozen' or 'adapters'")
+    if reference not in ('precomputed', 'frozen', 'adapters'):
+        raise ValueError(f"reference={reference!r}: use 'precomputed', 'frozen' or 'adapters'")
+    if loss_type == 'simpo': reference = None       # reference-free: nothing to precompute or hold
     if reference == 'adapters' and not lora_layers(model): raise ValueError("reference='adapters' needs LoRA layers (apply_lora first)")
     exs = _examples(train_rows, tok, max_len, verbose)
     evs = _examples(eval_rows, tok, max_len, False) if eval_rows is not None else None
     col = collate_dpo(tok)
     if reference == 'precomputed':
         bs = cfg.micro_batch_size or cfg.batch_size
-        idx = sorted({i for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)})  # the pairs the run sees
-        pre = precompute_ref_logps(ref_model or model, [exs[i] for i in idx], tok, bs)
+        seen = sorted({i for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)})
+        # the reference in the precision the loop trains in, so that the first step's log-ratios are exactly 0
+        dev = next(model.parameters()).device
+        with autocast(dev, cfg.mixed_precision):
+            pre = precompute_ref_logps(ref_model or model, [exs[i] for i in seen], tok, bs)
+            if evs is not None: evs = precompute_ref_logps(ref_model or model, evs, tok, bs)
         exs = list(exs)
-        for i, e in zip(idx, pre): exs[i] = e
-        if evs is not None: evs = precompute_ref_logps(ref_model or model, evs, tok, bs)
-        loss_fn = dpo_loss_fn(beta)
-    else:
-        loss_fn = dpo_loss_fn(beta, ref_model=(ref_model or frozen_copy(model)) if reference == 'frozen' else None)
+        for i, e in zip(seen, pre): exs[i] = e
+    frozen = (ref_model or frozen_copy(model)) if reference == 'frozen' else None
+    loss_fn = dpo_loss_fn(beta, frozen, loss_type, gamma)
     def ev(m):
         out = evaluate_pairs(m, loss_fn, evs, col, cfg.batch_size) if evs is not None else {}
         return {**out, **(eval_fn(m) if eval_fn is not None else {})}
-    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if (evs is not None or eval_fn is not None) else None)
+    has_eval = evs is not None or eval_fn is not None
+    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if has_eval else None)
 
 # %% ../nbs/08_dpo.ipynb #20c01370
 @torch.no_grad()
+def pair_logps(model, tok, rows, # a model, its tokenizer, preference rows (or examples)
+               ref='adapters', # 'adapters' (LoRA disabled), a reference model, 'precomputed' (in the examples), or None
+               batch_size:int=8, max_len:int=128) -> dict:
+    "Per pair, in order: log π of the chosen and rejected answers, their token counts, and (unless `ref` is None) the reference's."
+    exs = _examples(rows, tok, max_len, False)
+    if ref == 'adapters' and not lora_layers(model): raise ValueError("ref='adapters' needs LoRA layers; pass a reference model")
+    col, dev, parts = collate_dpo(tok), next(model.parameters()).device, []
+    with eval_mode(model):
+        for i in range(0, len(exs), batch_size):
+            b = col(exs[i:i + batch_size])
+            bt = {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}
+            lp = concatenated_logps(model, bt)
+            if ref == 'precomputed': lp['ref_chosen'], lp['ref_rejected'] = b['ref_chosen_logps'], b['ref_rejected_logps']
+            elif ref is not None:
+                lp['ref_chosen'], lp['ref_rejected'] = reference_logps(model, bt, None if ref == 'adapters' else ref)
+            parts.append({k: v.float().cpu() for k, v in lp.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+def preference_accuracy(logps:dict, # from `pair_logps`
+                        beta:float=0.1, # scales the implicit rewards
+                        per_pair:bool=False, # also the 0/1 result of every pair: `correct` (implicit reward), `logp_correct`
+                       ) -> dict:
+    "Implicit-reward accuracy, margin and mean rewards (if `logps` has the reference's), and the reference-free log-prob accuracy and margin."
+    # reference-free: the mean log-prob per answer token of the chosen answer against the rejected one's
+    mean_chosen, mean_rejected = logps['chosen'] / logps['n_chosen'], logps['rejected'] / logps['n_rejected']
+    out = dict(logp_accuracy=(mean_chosen > mean_rejected).float().mean().item(),
+               logp_margin=(mean_chosen - mean_rejected).mean().item(), n=len(mean_chosen))
+    if per_pair: out['logp_correct'] = (mean_chosen > mean_rejected).int().tolist()
+    if 'ref_chosen' not in logps: return out       # no reference: implicit rewards would be 0 and are not reported
+    chosen_rewards = beta * (logps['chosen'] - logps['ref_chosen'])
+    rejected_rewards = beta * (logps['rejected'] - logps['ref_rejected'])
+    if per_pair: out['correct'] = (chosen_rewards > rejected_rewards).int().tolist()
+    return dict(pair_metrics(chosen_rewards, rejected_rewards), **out)
+
 def preference_metrics(model, tok, rows, # the trained model, its tokenizer, held-out preference rows (or examples)
                        ref='adapters', # 'adapters' (LoRA disabled), a reference model, 'precomputed' (in the examples), or None (log-prob metrics only)
                        beta:float=0.1, # scales the implicit rewards
-                       batch_size:int=8, max_len:int=128) -> dict:
+                       batch_size:int=8, max_len:int=128,
+                       per_pair:bool=False, # also the 0/1 result of every pair
+                      ) -> dict:
     "Held-out implicit-reward accuracy, margin and mean rewards vs `ref`, and the reference-free log-prob accuracy and margin."
-    exs = _examples(rows, tok, max_len, False)
-    if ref == 'adapters' and not lora_layers(model): raise ValueError("ref='adapters' needs LoRA layers; pass a reference model")
-    col, dev = collate_dpo(tok), next(model.parameters()).device
-    was = model.training; model.eval(); acc = []
-    try:
-        for i in range(0, len(exs), batch_size):
-            b = col(exs[i:i + batch_size]); bt = {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}
-            lp = concatenated_logps(model, bt)
-            if ref is None: rc, rr = lp['chosen'], lp['rejected']   # no reference: implicit rewards are 0 and not reported
-            elif ref == 'precomputed': rc, rr = b['ref_chosen_logps'].to(dev), b['ref_rejected_logps'].to(dev)
-            else: rc, rr = reference_logps(model, bt, None if ref == 'adapters' else ref)
-            acc.append((beta * (lp['chosen'] - rc), beta * (lp['rejected'] - rr),
-                        lp['chosen'] / lp['n_chosen'], lp['rejected'] / lp['n_rejected']))
-    finally: model.train(was)
-    cr, rr, mc, mr = (torch.cat(t) for t in zip(*acc))
-    lpm = dict(logp_accuracy=(mc > mr).float().mean().item(), logp_margin=(mc - mr).mean().item(), n=len(cr))
-    return lpm if ref is None else dict(pair_metrics(cr, rr), **lpm)
+    return preference_accuracy(pair_logps(model, tok, rows, ref, batch_size, max_len), beta, per_pair)
+
+# %% ../nbs/08_dpo.ipynb #2b3e914e
+def ipo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
+             policy_rejected:torch.Tensor, # log π_θ(y_l|x)
+             ref_chosen:torch.Tensor, # log π_ref(y_w|x)
+             ref_rejected:torch.Tensor, # log π_ref(y_l|x)
+             beta:float=0.1, # τ in the paper: the regularisation; the target gap is 1/(2τ)
+             n_chosen:torch.Tensor|None=None, # answer tokens of y_w: divide its log-ratio by them (trl's normalisation)
+             n_rejected:torch.Tensor|None=None, # answer tokens of y_l
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Mean IPO loss (h − 1/(2β))² with h the gap of (per-token) log-ratios, and the implicit rewards β·Δ (detached)."
+    chosen_logratios = policy_chosen - ref_chosen.to(policy_chosen)
+    rejected_logratios = policy_rejected - ref_rejected.to(policy_rejected)
+    h = chosen_logratios / (1 if n_chosen is None else n_chosen) - rejected_logratios / (1 if n_rejected is None else n_rejected)
+    losses = (h - 1 / (2 * beta)) ** 2   # a squared error to a fixed target: the gap stops growing at 1/(2β)
+    return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+def simpo_loss(chosen_logps:torch.Tensor, # mean log-prob per answer token of y_w, shape (B,)
+               rejected_logps:torch.Tensor, # mean log-prob per answer token of y_l
+               beta:float=2.0, # the reward scale β
+               gamma:float=0.5, # the target reward margin γ
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Mean SimPO loss −log σ(β·(chosen − rejected) − γ), and the rewards β·(mean log-prob) (detached). No reference model."
+    losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
+    return losses.mean(), beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+# %% ../nbs/08_dpo.ipynb #17fb4dfb
+def kto_reference_point(policy_kl_logps:torch.Tensor, # log π_θ(y'|x) of mismatched pairs (an answer to another prompt)
+                        ref_kl_logps:torch.Tensor, # log π_ref(y'|x) of the same pairs
+                       ) -> torch.Tensor:
+    "KTO's reference point z₀: the batch's mean log-ratio on mismatched pairs, an estimate of KL(π_θ‖π_ref), ≥ 0, no gradient."
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+def kto_loss(policy_logps:torch.Tensor, # log π_θ(y|x) of each example, shape (N,)
+             ref_logps:torch.Tensor, # log π_ref(y|x)
+             desirable:torch.Tensor, # (N,) True for a desirable answer, False for an undesirable one
+             kl:torch.Tensor, # the reference point z₀ (`kto_reference_point`)
+             beta:float=0.1, # β, the scale of the value function
+             desirable_weight:float=1.0, # λ_D
+             undesirable_weight:float=1.0, # λ_U
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Mean KTO loss over unpaired examples, and the desirable and undesirable implicit rewards β·Δ (detached)."
+    logratios = policy_logps - ref_logps.to(policy_logps)
+    desirable = desirable.bool()
+    # a desirable answer gains when its log-ratio rises above the reference point, an undesirable one when it falls below
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
+    rewards = beta * logratios.detach()
+    return losses.mean(), rewards[desirable], rewards[~desirable]
+
+# %% ../nbs/08_dpo.ipynb #54a458c2
+def kto_examples(pairs:list[dict], # tokenized pairs from `preference_dataset`
+                ) -> list[dict]:
+    "Unpaired examples: every chosen answer desirable, then every rejected one undesirable, each with a mismatched KL sequence."
+    out = [dict(input_ids=p[f'{side}_input_ids'], labels=p[f'{side}_labels'], desirable=side == 'chosen')
+           for side in ('chosen', 'rejected') for p in pairs]
+    if len(pairs) < 2: raise ValueError("KTO's mismatched KL sequences need at least two pairs")
+    starts = [next(i for i, t in enumerate(e['labels']) if t != IGNORE_INDEX) for e in out]   # first answer token
+    for i, e in enumerate(out):
+        # the KL sequence: this example's prompt with the previous example's answer (trl's rotation by one)
+        prompt, answer = e['input_ids'][:starts[i]], out[i - 1]['input_ids'][starts[i - 1]:]
+        e['kl_input_ids'], e['kl_labels'] = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+    return out
+
+def collate_kto(tok, padding_side:str='right'):
+    "`collate_sft` of the examples and, prefixed `kl_`, of their KL sequences; plus `desirable` and `n_items`."
+    sft = collate_sft(tok, padding_side)
+    def collate(examples):
+        b = sft(examples)
+        kl = sft([dict(input_ids=e['kl_input_ids'], labels=e['kl_labels']) for e in examples])
+        b.update({f'kl_{k}': v for k, v in kl.items()})
+        b['desirable'] = torch.tensor([e['desirable'] for e in examples])
+        b['n_items'] = len(examples)
+        return b
+    return collate
+
+# %% ../nbs/08_dpo.ipynb #cc2fb3eb
+TRL_KTO_METRICS = dict(chosen_reward='rewards/chosen', rejected_reward='rewards/rejected', chosen_logps='logps/chosen',
+                       rejected_logps='logps/rejected', kl='kl')
+
+def kto_loss_fn(beta:float=0.1, # β
+                ref_model:nn.Module|None=None, # a frozen reference; None: the model with its adapters disabled
+                desirable_weight:float=1.0, undesirable_weight:float=1.0, # λ_D, λ_U
+               ):
+    "`loss_fn(model, batch) -> (loss, metrics)` for `ftcourse.train.train`: KTO on a `collate_kto` batch."
+    def loss_fn(model, batch):
+        kl_batch = [batch[f'kl_{k}'] for k in ('input_ids', 'attention_mask', 'labels')]
+        with torch.no_grad():          # the reference point is a baseline, not something to optimise
+            policy_kl_logps, _ = model_logps(model, *kl_batch)
+        with reference_model(model, ref_model) as ref:
+            ref_logps, _ = model_logps(ref, batch['input_ids'], batch['attention_mask'], batch['labels'])
+            ref_kl_logps, _ = model_logps(ref, *kl_batch)
+        logps, _ = model_logps(model, batch['input_ids'], batch['attention_mask'], batch['labels'])
+        kl = kto_reference_point(policy_kl_logps, ref_kl_logps)
+        desirable = batch['desirable'].bool()
+        loss, chosen_rewards, rejected_rewards = kto_loss(logps, ref_logps, desirable, kl, beta,
+                                                          desirable_weight, undesirable_weight)
+        mean = lambda t: t.mean().item() if len(t) else float('nan')   # a batch may hold one kind only
+        return loss, dict(loss=loss.item(), n_items=len(logps), kl=kl.item(), chosen_reward=mean(chosen_rewards),
+                          rejected_reward=mean(rejected_rewards), chosen_logps=mean(logps[desirable].detach()),
+                          rejected_logps=mean(logps[~desirable].detach()))
+    return loss_fn
+
+def train_kto(model, tok, train_rows, # the policy (LoRA applied, or give `ref_model`), its tokenizer, preference rows
+              cfg:TrainConfig|None=None, # the loop's settings (batch_size counts unpaired examples)
+              beta:float=0.1, ref_model:nn.Module|None=None, # the reference (default: the model with adapters off)
+              desirable_weight:float=1.0, undesirable_weight:float=1.0,
+              max_len:int=128, verbose:bool=True) -> History:
+    "KTO with `ftcourse.train.train` on the unpaired examples `kto_examples` makes from preference rows."
+    if ref_model is None and not lora_layers(model):
+        raise ValueError("train_kto needs a ref_model, or LoRA adapters to switch off for the reference")
+    exs = kto_examples(_examples(train_rows, tok, max_len, verbose))
+    loss_fn = kto_loss_fn(beta, ref_model, desirable_weight, undesirable_weight)
+    return train(model, loss_fn, exs, cfg or TrainConfig(), collate_fn=collate_kto(tok))

@@ -1,4 +1,4 @@
-"DPO: sequence log-probs, the loss against trl's DPOTrainer (loss, metrics, gradients, precomputed reference), the three references, the trainer."
+"DPO: sequence log-probs, the loss against trl's DPOTrainer (loss, metrics, gradients, precomputed reference), the three references, the trainer; IPO, SimPO and KTO against trl."
 import logging
 import pytest, torch
 from ftcourse.core import tiny_model, load_course_dataset, set_seed
@@ -6,9 +6,13 @@ from ftcourse.sft import preference_dataset, collate_preference
 from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.train import TrainConfig, train
 from ftcourse.lora import adapters_disabled
-from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, dpo_loss, pair_metrics, collate_dpo,
-                          precompute_ref_logps, frozen_copy, dpo_loss_fn, trl_dpo_trainer, trl_loss_metrics, compare_metrics,
-                          TRL_DPO_METRICS, train_dpo, preference_metrics, evaluate_pairs)
+from ftcourse.reward import pair_metrics
+from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, model_logps, dpo_loss, collate_dpo,
+                          precompute_ref_logps, frozen_copy, dpo_loss_fn, trl_trainer, trl_dpo_trainer, trl_paired_batch,
+                          compare_with_trl, assert_matches_trl, TRL_DPO_METRICS, TRL_KTO_METRICS, train_dpo, preference_metrics,
+                          pair_logps, preference_accuracy, evaluate_pairs, ipo_loss, simpo_loss, kto_loss, kto_reference_point,
+                          kto_examples, collate_kto, kto_loss_fn, train_kto)
+from ftcourse.train import evaluate
 
 logging.getLogger('trl').setLevel(logging.ERROR)
 
@@ -57,24 +61,15 @@ def test_dpo_loss_values():
     assert torch.isclose(loss, -torch.nn.functional.logsigmoid(torch.tensor(1.0)))
     assert pair_metrics(cr, rr) == dict(chosen_reward=0.5, rejected_reward=-0.5, accuracy=1.0, margin=1.0)
 
-def _grads(m, loss):
-    loss.backward(); g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}; m.zero_grad(set_to_none=True)
-    return g
-
 def _check_against_trl(policy, tok, tr, ours_fn, rows):
     tb = tr.data_collator([tr.train_dataset[i] for i in range(len(rows))])
     exs = preference_dataset(rows, tok, 128, verbose=False)[0]
     if 'ref_chosen_logps' in tb: exs = [dict(e, ref_chosen_logps=float(c), ref_rejected_logps=float(r)) for e, c, r in zip(exs, tb['ref_chosen_logps'], tb['ref_rejected_logps'])]
     ob = collate_dpo(tok)(exs)
     assert torch.equal(tb['input_ids'], ob['input_ids']) and torch.equal(tb['completion_mask'].bool(), ob['labels'] != -100)
-    policy.train()
-    l_trl, m_trl = trl_loss_metrics(tr, policy, tb); g_trl = _grads(policy, l_trl)
-    l_ours, m_ours = ours_fn(policy, ob); g_ours = _grads(policy, l_ours)
-    torch.testing.assert_close(l_ours, l_trl, rtol=1e-5, atol=1e-7)
-    for k, (a, b, d) in compare_metrics(m_ours, m_trl, TRL_DPO_METRICS).items(): assert d <= 1e-5 * max(1, abs(b)), (k, a, b)
-    assert g_ours.keys() == g_trl.keys() and g_ours
-    for n in g_trl: assert (g_ours[n] - g_trl[n]).abs().max() <= 1e-4 * g_trl[n].abs().max() + 1e-9, n
-    return m_ours
+    res = compare_with_trl(tr, policy, tb, ours_fn, ob, TRL_DPO_METRICS)
+    assert_matches_trl(res)
+    return {k: a for k, (a, b, d) in res['metrics'].items()}
 
 def test_matches_trl_with_reference_model(rows):
     policy, tok = tiny_model(seed=1); ref, _ = tiny_model(seed=0)
@@ -120,7 +115,8 @@ def test_micro_batches_are_weighted_by_pairs(rows):
     exs = None; res = []
     for mb in (None, 1):
         m, tok = lora_policy(); exs = precompute_ref_logps(m, preference_dataset(rows, tok, 128, verbose=False)[0], tok, adapters=False)
-        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-2, warmup_steps=0, eval_every=0, progress=False, shuffle=False)
+        cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=mb, lr=1e-2, warmup_steps=0, eval_every=0, progress=False, shuffle=False,
+                          mixed_precision='no')
         h = train(m, dpo_loss_fn(0.1), exs, cfg, collate_fn=collate_dpo(tok))
         res.append((h[-1]['loss'], h[-1]['margin'], h[-1]['grad_norm'], torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])))
     assert abs(res[0][0] - res[1][0]) < 1e-5 and abs(res[0][1] - res[1][1]) < 1e-5
@@ -138,3 +134,87 @@ def test_train_dpo_learns(rows, reference):
     assert h.last('eval_margin') > 0 and {'chosen_reward', 'rejected_reward', 'accuracy', 'margin'} <= h[1].keys()
     pm = preference_metrics(m, tok, rows.select(range(4)))
     assert abs(pm['margin'] - h.last('eval_margin')) < 1e-4 and set(pm) >= {'accuracy', 'margin', 'logp_accuracy'}
+
+def test_one_pair_metrics_and_one_evaluation_loop(rows):
+    "DPO scores implicit rewards with chapter 6's pair_metrics, and its held-out loss equals the loop's own evaluate."
+    import ftcourse.dpo, ftcourse.reward
+    assert ftcourse.dpo.pair_metrics is ftcourse.reward.pair_metrics
+    m, tok = lora_policy()
+    exs = preference_dataset(rows, tok, 128, verbose=False)[0]
+    fn, col = dpo_loss_fn(0.1), collate_dpo(tok)
+    ours = evaluate_pairs(m, fn, exs, col, batch_size=3)
+    loop = evaluate(m, fn, exs, col, batch_size=3)
+    assert abs(ours['loss'] - loop['eval_loss']) < 1e-6
+    # per-pair results agree with the aggregate metrics
+    pm = preference_metrics(m, tok, exs, per_pair=True)
+    assert pm['accuracy'] == sum(pm['correct']) / len(exs) and pm['logp_accuracy'] == sum(pm['logp_correct']) / len(exs)
+    assert abs(pm['margin'] - ours['margin']) < 1e-5
+
+def test_family_losses_by_hand():
+    z = torch.zeros(3)
+    assert torch.isclose(ipo_loss(z, z, z, z, beta=0.1)[0], torch.tensor(25.0))
+    # per-token normalisation: a gap of 10 nats over 10 tokens is 1 nat per token
+    loss, cr, rr = ipo_loss(z + 10, z, z, z, beta=0.5, n_chosen=torch.full((3,), 10.0), n_rejected=torch.full((3,), 4.0))
+    assert torch.isclose(loss, torch.tensor(0.0)) and torch.allclose(cr, torch.full((3,), 5.0))
+    loss, cr, rr = simpo_loss(z - 1, z - 2, beta=2.0, gamma=0.5)
+    assert torch.isclose(loss, -torch.nn.functional.logsigmoid(torch.tensor(1.5))) and torch.allclose(cr, z - 2)
+    # KTO: the reference point is clamped at 0 and carries no gradient
+    p = torch.tensor([-1.0, -2.0], requires_grad=True)
+    kl = kto_reference_point(p, torch.tensor([0.0, 0.0]))
+    assert kl.item() == 0 and not kl.requires_grad
+    kl = kto_reference_point(torch.tensor([2.0, 4.0]), torch.zeros(2))
+    assert kl.item() == 3.0
+    logps, ref, d = torch.tensor([1.0, -1.0]), torch.zeros(2), torch.tensor([True, False])
+    loss, cr, rr = kto_loss(logps, ref, d, torch.tensor(0.5), beta=2.0, desirable_weight=1.0, undesirable_weight=3.0)
+    want = (1 - torch.sigmoid(torch.tensor(2 * 0.5)) + 3 * (1 - torch.sigmoid(torch.tensor(2 * 1.5)))) / 2
+    assert torch.isclose(loss, want) and cr.tolist() == [2.0] and rr.tolist() == [-2.0]
+
+def test_ipo_matches_trl(rows):
+    policy, tok = tiny_model(seed=1); ref, _ = tiny_model(seed=0)
+    tr = trl_dpo_trainer(policy, tok, rows, ref_model=ref, beta=0.2, loss_type=['ipo'])
+    m = _check_against_trl(policy, tok, tr, dpo_loss_fn(0.2, ref_model=ref, loss_type='ipo'), rows)
+    assert abs(m['margin']) > 1e-3
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_simpo_matches_trl(rows, lora):
+    policy, tok = lora_policy() if lora else tiny_model(seed=1)
+    tr = trl_trainer('cpo', policy, tok, rows, loss_type='simpo', cpo_alpha=0.0, beta=2.0, simpo_gamma=0.8)
+    b = collate_dpo(tok)(preference_dataset(rows, tok, 128, verbose=False)[0])
+    res = compare_with_trl(tr, policy, trl_paired_batch(b), dpo_loss_fn(2.0, loss_type='simpo', gamma=0.8), b, TRL_DPO_METRICS)
+    assert_matches_trl(res)
+    assert abs(res['metrics']['margin'][0]) > 1e-4
+
+@pytest.mark.parametrize('weights', [(1.0, 1.0), (1.0, 1.5)])
+def test_kto_matches_trl(rows, weights):
+    policy, tok = tiny_model(seed=1); ref, _ = tiny_model(seed=0)
+    with torch.no_grad(): ref.model.norm.weight.mul_(10)    # a sharper reference: the KL estimate is positive, not clamped
+    tr = trl_trainer('kto', policy, tok, rows, ref_model=ref, beta=0.2, desirable_weight=weights[0], undesirable_weight=weights[1])
+    tb = tr.data_collator([tr.train_dataset[i] for i in range(len(tr.train_dataset))])
+    ob = collate_kto(tok)(kto_examples(preference_dataset(rows, tok, 128, verbose=False)[0]))
+    for k in ('input_ids', 'attention_mask'): assert torch.equal(tb[k], ob[k]) and torch.equal(tb[f'KL_{k}'], ob[f'kl_{k}'])
+    assert torch.equal(tb['completion_mask'][:, 1:].bool(), ob['labels'][:, 1:] != -100) and torch.equal(tb['label'], ob['desirable'])
+    res = compare_with_trl(tr, policy, tb, kto_loss_fn(0.2, ref, *weights), ob, TRL_KTO_METRICS)
+    assert_matches_trl(res)
+    assert res['metrics']['kl'][0] > 0.1
+
+def test_kto_examples_and_errors(rows):
+    m, tok = tiny_model()
+    pairs = preference_dataset(rows, tok, 128, verbose=False)[0]
+    exs = kto_examples(pairs)
+    assert len(exs) == 16 and [e['desirable'] for e in exs] == [True] * 8 + [False] * 8
+    # every KL sequence is a prompt with an answer written for another prompt (rotation by one)
+    assert exs[1]['kl_input_ids'][len(exs[1]['kl_input_ids']) - (len(exs[0]['input_ids']) - exs[0]['labels'].count(-100)):] \
+        == [t for t, l in zip(exs[0]['input_ids'], exs[0]['labels']) if l != -100]
+    with pytest.raises(ValueError, match='two pairs'): kto_examples(pairs[:1])
+    with pytest.raises(ValueError, match='ref_model'): train_kto(m, tok, rows)
+    with pytest.raises(ValueError, match='loss_type'): dpo_loss_fn(0.1, loss_type='hinge')
+
+@pytest.mark.parametrize('loss_type', ['ipo', 'simpo', 'kto'])
+def test_family_trains(rows, loss_type):
+    m, tok = tiny_model(); apply_lora(m, r=8, alpha=16, target_modules='all-linear')
+    cfg = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=0, progress=False, mixed_precision='no')
+    if loss_type == 'kto': h = train_kto(m, tok, rows, cfg=cfg, verbose=False)
+    else: h = train_dpo(m, tok, rows, cfg=cfg, loss_type=loss_type, beta=2.0 if loss_type == 'simpo' else 0.1, verbose=False)
+    losses = [r['loss'] for r in h if 'loss' in r]
+    assert losses[-1] < losses[0]
+    if loss_type == 'ipo': assert abs(losses[0] - 25.0) < 1e-3        # (0 − 1/(2·0.1))² at the start
