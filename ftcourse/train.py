@@ -15,8 +15,8 @@ import torch
 from .core import set_seed, auto_precision, eval_mode
 
 # %% auto #0
-__all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'trainable_state_dict', 'save_checkpoint',
-           'latest_checkpoint', 'load_checkpoint', 'History', 'process_state', 'fsdp_shard', 'evaluate', 'train',
+__all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'evaluate', 'trainable_state_dict',
+           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'History', 'process_state', 'fsdp_shard', 'train',
            'plot_history', 'optimizer_state_bytes']
 
 # %% ../nbs/02b_train.ipynb #66140a21
@@ -71,6 +71,21 @@ def count_items(batch:dict) -> int:
     return len(next(v for v in batch.values() if torch.is_tensor(v)))
 
 def _to(batch, device): return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+# %% ../nbs/02b_train.ipynb #4e40deec
+@torch.no_grad()
+def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
+    "Mean of `loss_fn` over `data`, weighted by each batch's item count."
+    tot, n = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(data), batch_size):
+            b = collate_fn([data[j] for j in range(i, min(i + batch_size, len(data)))])
+            c = count_items(b)
+            if c == 0: continue
+            loss, _ = loss_fn(model, _to(b, device or next(model.parameters()).device))
+            tot += loss.float().item() * c
+            n += c
+    return dict(eval_loss=tot / max(n, 1))
 
 # %% ../nbs/02b_train.ipynb #69a3ac13
 def _unwrap(model): return getattr(model, 'module', model)
@@ -209,20 +224,6 @@ def _autocast_forward(acc, model):
     from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
     autocast = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
     model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
-
-@torch.no_grad()
-def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
-    "Mean of `loss_fn` over `data`, weighted by each batch's item count."
-    tot, n = 0.0, 0
-    with eval_mode(model):
-        for i in range(0, len(data), batch_size):
-            b = collate_fn([data[j] for j in range(i, min(i + batch_size, len(data)))])
-            c = count_items(b)
-            if c == 0: continue
-            loss, _ = loss_fn(model, _to(b, device or next(model.parameters()).device))
-            tot += loss.float().item() * c
-            n += c
-    return dict(eval_loss=tot / max(n, 1))
 
 # %% ../nbs/02b_train.ipynb #7bdbf7a6
 def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`

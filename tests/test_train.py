@@ -5,7 +5,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ftcourse.core import tiny_model, load_course_dataset
 from ftcourse.sft import build_sft_example, collate_sft, sft_loss_fn
 from ftcourse.train import (TrainConfig, train, cosine_with_warmup, batch_indices, count_items, latest_checkpoint,
-                            load_checkpoint, save_checkpoint)
+                            load_checkpoint, save_checkpoint, evaluate)
 
 @pytest.fixture(scope='module')
 def data():
@@ -115,3 +115,15 @@ def test_strategy_errors_are_clear(data):
         train(m, sft_loss_fn, exs, TrainConfig(steps=1, strategy='zero3', progress=False), collate_fn=coll)
     with pytest.raises(ValueError, match="strategy='fsdp' shards the model across processes: start them with torchrun"):
         train(m, sft_loss_fn, exs, TrainConfig(steps=1, strategy='fsdp', progress=False), collate_fn=coll)
+
+
+def test_evaluate_is_the_item_weighted_mean_and_restores_the_mode(data):
+    "Held-out loss over uneven batches equals the loss of one batch of all the examples; the model's mode comes back."
+    exs, coll = data
+    m, _ = tiny_model()
+    m.train()
+    held_out = evaluate(m, sft_loss_fn, exs[:8], coll, batch_size=3)['eval_loss']   # batches of 3, 3 and 2
+    assert m.training
+    m.eval()
+    with torch.no_grad(): whole = sft_loss_fn(m, coll(exs[:8]))[0].item()
+    assert abs(held_out - whole) < 1e-5 * whole
