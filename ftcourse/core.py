@@ -96,7 +96,10 @@ def fast_bf16(device:str|torch.device='cpu', # the device the model runs on
              ) -> bool:
     "True where bf16 autocast is faster than fp32: a CUDA GPU with bf16, or a CPU with native bf16 (AVX-512 BF16 or AMX)."
     device = torch.device(device)
-    if device.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == 'cuda':   # native bf16 only (Ampere and later): a T4 emulates it, slower than its fp16
+        if not torch.cuda.is_available(): return False
+        try: return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError: return torch.cuda.is_bf16_supported()   # older torch: no emulation to count
     if device.type != 'cpu': return False
     native = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
     return any(f() for f in native if f is not None)
