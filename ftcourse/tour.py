@@ -68,7 +68,7 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, dpo=5e-4, orpo=5e-4)   # PPO's as in chapter 7
     common = dict(model=model, seed=seed, batch_size=s.batch_size, sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora')
     # the tour scores every policy itself after training, so no run evaluates while it trains
-    own = {m: dict(eval_every=0, n_eval=8) for m in TOUR_ORDER}
+    own = {m: dict(eval_every=0, n_eval=8 if quick else s.n_eval) for m in TOUR_ORDER}
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
     cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
