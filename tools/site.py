@@ -262,6 +262,13 @@ def prepare(nb:dict) -> tuple[dict, dict]:
             continue
         hide = not had_src or not code.strip() or d.get('echo') == 'false'
         if hide and not outs: continue
+        if not hide and d.get('code-fold') in ('true', 'show'):   # Quarto's folded code: the source inside <details>
+            summary = html.escape(d.get('code-summary', 'Code'))
+            opened = ' open' if d['code-fold'] == 'show' else ''
+            cells.append(dict(cell_type='markdown', metadata={},
+                              source=f"<details{opened}><summary>{summary}</summary>\n\n```python\n{code}\n```\n\n</details>"))
+            if outs: cells.append(dict(c, source=code, outputs=outs, metadata={'transient': {'remove_source': True}}))
+            continue
         meta = {'transient': {'remove_source': True}} if hide else {}
         cells.append(dict(c, source=code, outputs=outs, metadata=meta))
     for i, c in enumerate(cells): c.setdefault('id', f'c{i}'); c.setdefault('metadata', {})
