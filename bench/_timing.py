@@ -38,6 +38,12 @@ def is_loaded(load:float|None=None) -> bool:
     "More runnable processes than cores: timings are then upper bounds, noisy by tens of percent."
     return (load_average() if load is None else load) > (os.cpu_count() or 1)
 
+def threads_for_load() -> int:
+    """One torch thread when the machine is oversubscribed (OpenMP threads would spin-wait on each other and a matmul
+    runs many times slower), else torch's default. Returns the thread count in use."""
+    if is_loaded(): torch.set_num_threads(1)
+    return torch.get_num_threads()
+
 def versions() -> str:
     "torch and the compared libraries' versions, those installed."
     out = []

@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved_medians, header, load_average
+from _timing import interleaved_medians, header, load_average, threads_for_load
 
 ap = argparse.ArgumentParser()
 ap.add_argument('--positions', type=int, default=1024); ap.add_argument('--chunk', type=int, default=256)
@@ -60,6 +60,7 @@ if a.one:   # one variant in a fresh process: its peak memory
 
 from ftcourse.checkpoint import SavedTensors
 load0 = load_average()
+threads_for_load()
 W, h, y, fns = setup()
 rows = []
 for train_w in (True, False):

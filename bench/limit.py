@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, medians, header, load_average
+from _timing import interleaved, medians, header, load_average, threads_for_load
 
 ap = argparse.ArgumentParser()
 ap.add_argument('--batch', type=int, default=4); ap.add_argument('--seq', type=int, default=128)
@@ -32,6 +32,7 @@ def main():
     from ftcourse.core import load_model
     from ftcourse.lora import apply_lora
     load0 = load_average()
+    threads_for_load()
     model, _ = load_model()
     cfg = model.config
     d, i, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
