@@ -14,9 +14,9 @@ from .data import validate_row, DatasetFormatError, judge
 IGNORE_INDEX = -100
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences', 'collate_sft',
-           'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference', 'sft_loss',
-           'sft_loss_fn', 'trl_sft_batch', 'prompt_messages', 'generate_responses', 'judge_score']
+__all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'response_ids', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences',
+           'collate_sft', 'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference',
+           'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'prompt_messages', 'generate_responses', 'judge_score']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -37,15 +37,28 @@ class SFTReport:
         return (f"{self.kept} examples kept ({self.truncated} with the response truncated at max_len); "
                 f"{len(self.dropped)} dropped because the prompt alone exceeds max_len" + (f": rows {self.dropped[:10]}{'...' if len(self.dropped) > 10 else ''}" if self.dropped else ""))
 
+def response_ids(tok, messages:list[dict]) -> list[int]:
+    "Ids of the text the template writes after the generation prompt (the last turn), tokenized on its own."
+    full = tok.apply_chat_template(messages, tokenize=False)
+    prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the rendered prompt is not a prefix of the rendered conversation with this chat template")
+    return tok(full[len(prompt):], add_special_tokens=False)['input_ids']
+
 def build_sft_example(tok, messages:list[dict], # a conversation ending with the assistant turn to learn
                       max_len:int=128, # longest sequence in tokens
+                      boundary:str='check', # 'check': refuse if the prompt's ids are not a prefix; 'split': see below
                      ) -> dict:
     "`input_ids` and `labels` (-100 on the prompt) for one conversation; `truncated`/`prompt_too_long` flags."
+    if boundary not in ('check', 'split'): raise ValueError(f"boundary must be 'check' or 'split', got {boundary!r}")
     prompt = chat_ids(tok, messages[:-1], add_generation_prompt=True)
-    full = chat_ids(tok, messages)
-    if full[:len(prompt)] != prompt:
-        raise ValueError("the tokenized prompt is not a prefix of the tokenized conversation with this chat template; "
-                         "cannot tell where the response starts")
+    if boundary == 'split':
+        full = prompt + response_ids(tok, messages)   # the prompt's ids, then the response's: what generation produces
+    else:
+        full = chat_ids(tok, messages)
+        if full[:len(prompt)] != prompt:
+            raise ValueError("the tokenized prompt is not a prefix of the tokenized conversation with this chat template; "
+                             "cannot tell where the response starts (boundary='split' tokenizes the response apart)")
     if len(prompt) >= max_len: return dict(prompt_too_long=True)
     labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
     return dict(input_ids=full[:max_len], labels=labels[:max_len], truncated=len(full) > max_len, prompt_too_long=False)
@@ -54,13 +67,14 @@ def sft_dataset(rows, # chat rows with `messages` (a `datasets.Dataset` or a lis
                 tok, max_len:int=128, # longest sequence in tokens
                 too_long:str='drop', # a row whose prompt alone exceeds max_len: 'drop' (counted) or 'error'
                 verbose:bool=True, # print the report
+                boundary:str='check', # where the response starts: see `build_sft_example`
                ) -> tuple[list[dict], SFTReport]:
     "Validate and tokenize every row; returns the examples and a report of what was truncated or dropped."
     if too_long not in ('drop', 'error'): raise ValueError(f"too_long must be 'drop' or 'error', got {too_long!r}")
     out, rep = [], SFTReport()
     for i, row in enumerate(rows):
         validate_row(row, 'sft', f"row {i}")
-        ex = build_sft_example(tok, row['messages'], max_len)
+        ex = build_sft_example(tok, row['messages'], max_len, boundary)
         if ex['prompt_too_long']:
             if too_long == 'error': raise ValueError(f"row {i}: the prompt alone is longer than max_len={max_len} tokens")
             rep.dropped.append(i); continue

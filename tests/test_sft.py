@@ -124,3 +124,27 @@ def test_text_form_preference_rows(tiny, tmp_path):
     assert preference_dataset(load_course_dataset(str(f), kind='preference'), tok, verbose=False)[0] == want[:3]
     with pytest.raises(DatasetFormatError, match='row 1'):
         preference_dataset([text[0], dict(text[1], rejected='  ')], tok, verbose=False)
+
+LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+                   " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+                   "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+def test_llama3_template_needs_and_gets_a_split_boundary(rows):
+    tok = load_model()[1]   # the course tokenizer: its merges split '\n\n' before text (the tiny one has no merges)
+    lt = copy.deepcopy(tok)
+    lt.add_special_tokens({'bos_token': '<|begin_of_text|>', 'eos_token': '<|eot_id|>',
+                           'additional_special_tokens': ['<|start_header_id|>', '<|end_header_id|>']})
+    lt.chat_template = LLAMA3_TEMPLATE
+    chat = [dict(role='user', content='What is 7 times 6?'), dict(role='assistant', content='42')]
+    with pytest.raises(ValueError, match='not a prefix'): build_sft_example(lt, chat)   # '\n\n' merges differently before '42'
+    ex = build_sft_example(lt, chat, boundary='split')
+    prompt = lt.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True, return_dict=True)['input_ids']
+    assert ex['input_ids'][:len(prompt)] == list(prompt) and ex['labels'][:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert lt.decode(ex['labels'][len(prompt):]) == '42<|eot_id|>'
+    exs, _ = sft_dataset(rows, lt, 512, boundary='split', verbose=False)
+    for e, r in zip(exs, rows):
+        assert lt.decode([t for t, l in zip(e['input_ids'], e['labels']) if l != IGNORE_INDEX]) == r['messages'][-1]['content'] + '<|eot_id|>'
+    # with ChatML both boundaries agree; an unknown one is refused
+    assert all(build_sft_example(tok, r['messages']) == build_sft_example(tok, r['messages'], boundary='split') for r in rows)
+    with pytest.raises(ValueError, match="boundary must be"): build_sft_example(tok, rows[0]['messages'], boundary='guess')
