@@ -188,11 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     helps = dict(sft='supervised fine-tuning on chat rows (chapter 2)',
                  reward='train a reward model on preference pairs (chapter 6)',
                  ppo='RLHF with PPO against a reward model or the judge (chapter 7)',
+                 grpo='GRPO: groups of sampled answers scored by the judge, no critic (chapter 7a)',
                  dpo='direct preference optimisation (chapter 8)',
                  orpo='odds-ratio preference optimisation, no reference model (chapter 9)')
     for m in METHODS:
         sub.add_parser(m, help=helps[m], parents=[common, run_flags(m)]).set_defaults(func=cmd_train)
-    t = add('tour', 'the whole pipeline (SFT, reward, PPO, DPO, ORPO) on the packaged model and data, with a report')
+    t = add('tour', 'the whole pipeline (SFT, reward, PPO, GRPO, DPO, ORPO) on the packaged model and data, with a report')
     t.add_argument('--out', default='runs/tour', help='the report folder (default: %(default)s)')
     t.add_argument('--model', default=DEFAULT_MODEL,
                    help='base model (default: %(default)s, packaged: no hub access needed)')

@@ -14,9 +14,10 @@ from .core import DEFAULT_MODEL
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'RUN_STRATEGIES', 'PRECISIONS', 'METHOD_OPTIONS', 'METHODS', 'METHOD_ONLY', 'FIXED', 'RunOptions',
-           'LoopOptions', 'HeldOutOptions', 'DPOOptions', 'ORPOOptions', 'PPOOptions', 'RunConfig', 'method_options',
-           'ConfigError', 'check_method_options', 'OptionParser', 'nearest_option', 'option_flags', 'read_yaml',
-           'load_config', 'config_yaml', 'is_run_folder', 'is_peft_folder', 'read_run_config', 'validate_config']
+           'LoopOptions', 'HeldOutOptions', 'DPOOptions', 'ORPOOptions', 'PPOOptions', 'GRPOOptions', 'RunConfig',
+           'method_options', 'ConfigError', 'check_method_options', 'OptionParser', 'nearest_option', 'option_flags',
+           'read_yaml', 'load_config', 'config_yaml', 'is_run_folder', 'is_peft_folder', 'read_run_config',
+           'validate_config']
 
 # %% ../nbs/10_config.ipynb #95b33836
 ADAPTERS = ('lora', 'qlora', 'full')
@@ -28,7 +29,7 @@ def _opt(default, help:str, **kw): return field(default=default, metadata=dict(h
 @dataclass
 class RunOptions:
     "What every run has: its method, the model and what is trained of it, the data, the folder."
-    method:str = _opt('sft', "what to train: sft, reward, ppo, dpo, orpo")
+    method:str = _opt('sft', "what to train: sft, reward, ppo, grpo, dpo, orpo")
     model:str = _opt(DEFAULT_MODEL, "base model: a hub id or local folder ('tiny': the 0.9M-parameter test model)")
     base_run:str|None = _opt(None, "a finished run's folder whose weights are merged in first "
                                    "(e.g. the SFT run before DPO)")
@@ -96,13 +97,29 @@ class PPOOptions:
     ppo_epochs:int = _opt(2, "ppo: passes over each rollout batch "
                              "(in micro_batch_size minibatches, default half the batch)")
 
-# the groups of options each method reads besides RunOptions and LoopOptions; GRPO's entry goes here
-METHOD_OPTIONS = dict(sft=(HeldOutOptions,), reward=(HeldOutOptions,), ppo=(PPOOptions,),
+@dataclass
+class GRPOOptions:
+    "Chapter 7a's (its `GRPOConfig`'s options, with the method's prefix as PPO's have theirs)."
+    grpo_tasks:str|None = _opt(None, "grpo: train on these tasks only, comma-separated (e.g. parity,compare,max,count: "
+                                     "tasks the starting model sometimes gets right, so groups have mixed rewards)")
+    grpo_num_generations:int = _opt(8, "grpo: G, completions sampled per prompt")
+    grpo_max_new_tokens:int = _opt(20, "grpo: longest completion in tokens")
+    grpo_temperature:float = _opt(1.0, "grpo: sampling temperature")
+    grpo_loss_type:str = _opt('dapo', "grpo: grpo, bnpo, dr_grpo or dapo (how token losses are averaged)")
+    grpo_epsilon:float = _opt(0.2, "grpo: the ratio is clipped below at 1 - epsilon")
+    grpo_epsilon_high:float|None = _opt(None, "grpo: the ratio is clipped above at 1 + epsilon_high (default: epsilon)")
+    grpo_beta:float = _opt(0.0, "grpo: weight of the k3 KL to the starting model (0: no reference)")
+    grpo_scale_rewards:str = _opt('group', "grpo: divide advantages by the group's std, the batch's, or none")
+    grpo_filter_zero_std:bool = _opt(True, "grpo: drop groups whose rewards are all equal (no signal)")
+    grpo_eos_bonus:float = _opt(0.0, "grpo: reward added to a completion that stops with EOS")
+
+# the groups of options each method reads besides RunOptions and LoopOptions
+METHOD_OPTIONS = dict(sft=(HeldOutOptions,), reward=(HeldOutOptions,), ppo=(PPOOptions,), grpo=(GRPOOptions,),
                       dpo=(HeldOutOptions, DPOOptions), orpo=(HeldOutOptions, ORPOOptions))
 METHODS = tuple(METHOD_OPTIONS)
 
 @dataclass
-class RunConfig(PPOOptions, ORPOOptions, DPOOptions, HeldOutOptions, LoopOptions, RunOptions):
+class RunConfig(GRPOOptions, PPOOptions, ORPOOptions, DPOOptions, HeldOutOptions, LoopOptions, RunOptions):
     "Everything that defines a training run: every group of options in one record (a run folder's `config.yaml`)."
     learning_rate:InitVar[float|None] = None   # the name `lr` had until now: remove once no caller passes it
 
@@ -124,7 +141,13 @@ FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosi
                       log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
                       save_every=(0, "train_ppo's loop writes no checkpoints"),
                       resume=(False, "train_ppo's loop writes no checkpoints to resume from"),
-                      strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")))
+                      strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")),
+             grpo=dict(weight_decay=(0.0, "train_grpo's AdamW has no weight decay"),
+                       eval_every=(0, "the grpo command does not evaluate while it trains (the tour scores the policy)"),
+                       log_with=(None, "train_grpo logs to the run folder's metrics.csv only"),
+                       save_every=(0, "train_grpo writes no checkpoints"),
+                       resume=(False, "train_grpo writes no checkpoints to resume from"),
+                       strategy=('ddp', "train_grpo samples in its collate, on one process's whole model")))
 
 class ConfigError(ValueError):
     "A configuration that cannot describe a run; raised before anything is loaded or trained."
@@ -255,6 +278,11 @@ def validate_config(cfg:RunConfig) -> RunConfig:
     if cfg.method == 'ppo' and cfg.sequence_len <= cfg.ppo_max_new_tokens:
         raise ConfigError(f"sequence_len={cfg.sequence_len} leaves no room for a prompt before "
                           f"ppo_max_new_tokens={cfg.ppo_max_new_tokens} new tokens")
+    if cfg.method == 'grpo':
+        from ftcourse.grpo import LOSS_TYPES
+        _check_choice(cfg, 'grpo_loss_type', LOSS_TYPES)
+        _check_choice(cfg, 'grpo_scale_rewards', ('group', 'batch', 'none'))
+        if cfg.grpo_num_generations < 2: raise ConfigError("grpo_num_generations must be at least 2: a group needs a baseline")
     if cfg.method == 'ppo' and cfg.reward_model:
         m = read_run_config(cfg.reward_model, 'reward_model').method
         if m != 'reward': raise ConfigError(f"reward_model={cfg.reward_model!r} is a {m} run, not a reward model")

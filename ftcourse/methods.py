@@ -19,7 +19,7 @@ from .runs import (build_model, check_output_dir, is_main_process, load_reward_r
 __all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'fit', 'run', 'PeakRSS']
 
 # %% ../nbs/10b_methods.ipynb #c0cae95c
-def _kind(method:str) -> str: return 'sft' if method == 'sft' else 'preference'
+def _kind(method:str) -> str: return 'sft' if method in ('sft', 'grpo') else 'preference'
 
 def _read_rows(name:str, split:str, kind:str):
     "`load_course_dataset`, with a file or hub set that cannot be had as a `ConfigError` that says so."
@@ -124,9 +124,24 @@ def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
                      max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, mixed_precision=cfg.mixed_precision)
     return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
 
+def _fit_grpo(cfg, model, tok, train_rows, eval_rows, tcfg):
+    from ftcourse.grpo import train_grpo, GRPOConfig
+    tasks = [t.strip() for t in cfg.grpo_tasks.split(',')] if cfg.grpo_tasks else None
+    rows = [r for r in train_rows if tasks is None or r['task'] in tasks]
+    if not rows: raise ConfigError(f"grpo_tasks={cfg.grpo_tasks!r}: no training row has one of these tasks")
+    print(f"GRPO on {len(rows)} prompts" + (f" of the tasks {', '.join(tasks)}" if tasks else "") + ", the judge's reward")
+    gcfg = GRPOConfig(steps=cfg.steps, prompts_per_step=cfg.batch_size, num_generations=cfg.grpo_num_generations,
+                      micro_batch_prompts=cfg.micro_batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                      max_grad_norm=cfg.max_grad_norm or None, max_new_tokens=cfg.grpo_max_new_tokens,
+                      temperature=cfg.grpo_temperature, loss_type=cfg.grpo_loss_type, epsilon=cfg.grpo_epsilon,
+                      epsilon_high=cfg.grpo_epsilon_high, beta=cfg.grpo_beta, scale_rewards=cfg.grpo_scale_rewards,
+                      filter_zero_std=cfg.grpo_filter_zero_std, eos_bonus=cfg.grpo_eos_bonus,
+                      mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+    return model, train_grpo(model, tok, rows, cfg=gcfg)
+
 # each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`; a new method
-# (GRPO) adds one entry here, and its options' group to `ftcourse.config.METHOD_OPTIONS`
-TRAINERS = dict(sft=_fit_sft, reward=_fit_reward, ppo=_fit_ppo, dpo=_fit_dpo, orpo=_fit_orpo)
+# adds one entry here, and its options' group to `ftcourse.config.METHOD_OPTIONS`
+TRAINERS = dict(sft=_fit_sft, reward=_fit_reward, ppo=_fit_ppo, grpo=_fit_grpo, dpo=_fit_dpo, orpo=_fit_orpo)
 
 def fit(cfg:RunConfig, model, tok, train_rows, eval_rows, tcfg) -> tuple:
     "Train `model` by `cfg.method` with its chapter's `train_<method>`; returns (the trained module, its history)."

@@ -57,23 +57,24 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
                 pref_accuracy=sum(wins) / len(wins), pref_wins=wins, answer_tokens=n.float().mean().item(), kl=kl)
 
 # %% ../nbs/10c_tour.ipynb #e2e6a037
-TOUR_ORDER = ('sft', 'reward', 'ppo', 'dpo', 'orpo')
+TOUR_ORDER = ('sft', 'reward', 'ppo', 'grpo', 'dpo', 'orpo')
 
 def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:int=0, device=None) -> dict[str, RunConfig]:
-    "The tour's five runs: SFT with LoRA; from the SFT model a reward model, PPO against it, DPO and ORPO."
+    "The tour's six runs: SFT with LoRA; from the SFT model a reward model, PPO against it, GRPO with the judge, DPO and ORPO."
     from ftcourse.core import course_settings
     s, out = course_settings(device), Path(out)
-    steps = dict(sft=2, reward=2, ppo=1, dpo=2, orpo=2) if quick else \
-            dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 3), dpo=s.steps, orpo=s.steps)
-    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, dpo=5e-4, orpo=5e-4)   # PPO's as in chapter 7
+    steps = dict(sft=2, reward=2, ppo=1, grpo=1, dpo=2, orpo=2) if quick else \
+            dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 3), grpo=max(4, s.steps // 3), dpo=s.steps, orpo=s.steps)
+    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, grpo=3e-4, dpo=5e-4, orpo=5e-4)   # PPO's and GRPO's as in chapters 7, 7a
     common = dict(model=model, seed=seed, batch_size=s.batch_size, sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora')
     # the tour scores every policy itself after training, so no run evaluates while it trains
     own = {m: dict(eval_every=0, n_eval=8 if quick else s.n_eval) for m in TOUR_ORDER}
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
+    own['grpo'] = dict(own['grpo'], warmup_steps=0, grpo_tasks='parity,compare,max,count', grpo_max_new_tokens=s.max_new_tokens)
     cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
             for m in TOUR_ORDER}
-    for m in ('reward', 'ppo', 'dpo', 'orpo'): cfgs[m].base_run = str(out/'sft')
+    for m in TOUR_ORDER[1:]: cfgs[m].base_run = str(out/'sft')
     return cfgs
 
 # %% ../nbs/10c_tour.ipynb #80f26a64
