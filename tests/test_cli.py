@@ -309,3 +309,22 @@ def test_one_parser_hf_argument_parser_yaml_first_flags_win(tmp_path):
 def _write(tmp_path, text):
     (tmp_path/'t.yaml').write_text(text)
     return tmp_path/'t.yaml'
+
+def test_grpo_runs_from_flags_and_yaml_and_refuses_what_it_cannot_do(tmp_path):
+    "`ftcourse grpo`: a tiny run writes a run folder that reloads; bad options are one line and status 2 (configs/grpo.yaml: test_runs)."
+    rc, out, err = cli('grpo', '--model', 'tiny', '--mixed-precision', 'no', '--steps', 2, '--batch-size', 2,
+                       '--grpo-num-generations', 4, '--grpo-max-new-tokens', 6, '--grpo-tasks', 'parity,compare',
+                       '--eval-every', 0, '--output-dir', tmp_path/'g')
+    assert rc == 0, err
+    assert 'prompts of the tasks parity, compare' in out
+    saved = read_run_config(tmp_path/'g')
+    assert (saved.method, saved.grpo_num_generations, saved.grpo_tasks) == ('grpo', 4, 'parity,compare')
+    model, _ = load_run(tmp_path/'g')
+    assert model is not None
+    for flags, msg in ((['--grpo-loss-type', 'nope'], 'grpo_loss_type must be one of'),
+                       (['--grpo-num-generations', 1], 'at least 2'),
+                       (['--save-every', 2], 'grpo does not support save_every'),
+                       (['--grpo-tasks', 'nosuchtask', '--steps', 1], 'no training row has one of these tasks'),
+                       (['--beta', 0.1], 'beta has no effect on a grpo run')):
+        rc, out, err = cli('grpo', '--model', 'tiny', *flags, '--output-dir', tmp_path/'bad')
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (flags, err)
