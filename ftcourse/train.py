@@ -318,7 +318,10 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         if cfg.max_grad_norm: gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
         else: gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         gn = gn.full_tensor() if hasattr(gn, 'full_tensor') else gn   # FSDP: the norm of all shards' gradients
-        if not torch.isfinite(gn): raise FloatingPointError(f"the gradient norm is {gn.item()} at step {step + 1}; stopped before the optimizer step")
+        # fp16's loss scaler skips a step whose gradients overflowed and lowers the scale (opt.step() below does that);
+        # in fp32 or bf16 a non-finite norm is a real failure
+        if not torch.isfinite(gn) and acc.scaler is None:
+            raise FloatingPointError(f"the gradient norm is {gn.item()} at step {step + 1}; stopped before the optimizer step")
         lr = sched.get_last_lr()[0]
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         if world > 1:                      # the loss and metrics of the whole batch: sums over all processes
