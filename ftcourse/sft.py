@@ -16,7 +16,8 @@ IGNORE_INDEX = -100
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'response_ids', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences',
            'collate_sft', 'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference',
-           'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'prompt_messages', 'generate_responses', 'judge_score']
+           'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'pack_examples', 'collate_packed', 'packed_sft_loss_fn',
+           'prompt_messages', 'generate_responses', 'judge_score']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -174,6 +175,42 @@ def trl_sft_batch(rows, tok, model, max_len:int=128):
                          per_device_train_batch_size=len(pc), dataset_num_proc=None)
         tr = SFTTrainer(model=model, args=args, train_dataset=pc, processing_class=tok)
         return tr.data_collator([tr.train_dataset[i] for i in range(len(tr.train_dataset))]), tr
+
+# %% ../nbs/02a_sft.ipynb #04accebf
+def pack_examples(examples:list[dict], # SFT examples (`input_ids`, `labels`), each at most `max_len` tokens
+                  max_len:int=128, # the length of a packed row
+                 ) -> list[dict]:
+    "Concatenate examples, in order, into rows of at most `max_len` tokens; `position_ids` restart at 0 for each example."
+    rows, row = [], None
+    for i, e in enumerate(examples):
+        n = len(e['input_ids'])
+        if n > max_len: raise ValueError(f"example {i} has {n} tokens, more than a packed row's max_len={max_len}")
+        if row is None or len(row['input_ids']) + n > max_len:
+            row = dict(input_ids=[], labels=[], position_ids=[])
+            rows.append(row)
+        row['input_ids'] += e['input_ids']
+        row['labels'] += e['labels']
+        row['position_ids'] += list(range(n))
+    return rows
+
+def collate_packed(tok):
+    "A collate function for packed rows: `input_ids`, `labels`, `position_ids` (no attention mask), padded on the right."
+    pid = pad_id(tok)
+    def collate(rows):
+        n = max(len(r['input_ids']) for r in rows)
+        fill = lambda r: n - len(r['input_ids'])
+        return dict(input_ids=torch.tensor([r['input_ids'] + [pid] * fill(r) for r in rows]),
+                    labels=torch.tensor([r['labels'] + [IGNORE_INDEX] * fill(r) for r in rows]),
+                    # the padding is one more sequence from position 0: it sees only itself and has no labels
+                    position_ids=torch.tensor([r['position_ids'] + list(range(fill(r))) for r in rows]))
+    return collate
+
+def packed_sft_loss_fn(model, batch:dict) -> tuple[torch.Tensor, dict]:
+    "`sft_loss_fn` for packed rows: `position_ids` and no attention mask, so the model masks attention between examples."
+    # no cache either: transformers looks for packed sequences only without a mask and without a cache
+    logits = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], use_cache=False).logits
+    loss = sft_loss(logits, batch['labels'])
+    return loss, dict(loss=loss.item(), n_items=int((batch['labels'][:, 1:] != IGNORE_INDEX).sum()))
 
 # %% ../nbs/02a_sft.ipynb #e238a475
 def prompt_messages(row:dict) -> list[dict]:

@@ -148,3 +148,21 @@ def test_llama3_template_needs_and_gets_a_split_boundary(rows):
     # with ChatML both boundaries agree; an unknown one is refused
     assert all(build_sft_example(tok, r['messages']) == build_sft_example(tok, r['messages'], boundary='split') for r in rows)
     with pytest.raises(ValueError, match="boundary must be"): build_sft_example(tok, rows[0]['messages'], boundary='guess')
+
+def test_packing_equals_padding_and_refuses_a_long_example(tiny, rows):
+    from ftcourse.sft import pack_examples, collate_packed, packed_sft_loss_fn
+    m, tok = tiny
+    exs, _ = sft_dataset(rows.select(range(8)), tok, verbose=False)
+    packed_rows = pack_examples(exs, 256)
+    assert len(packed_rows) < len(exs) and all(len(r['input_ids']) <= 256 for r in packed_rows)
+    assert [t for r in packed_rows for t in r['input_ids']] == [t for e in exs for t in e['input_ids']]   # order kept
+    def loss_and_grads(loss_fn, b):
+        m.zero_grad()
+        loss, _ = loss_fn(m, b)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
+    l1, g1 = loss_and_grads(sft_loss_fn, collate_sft(tok)(exs))
+    l2, g2 = loss_and_grads(packed_sft_loss_fn, collate_packed(tok)(packed_rows))
+    assert abs(l1 - l2) < 1e-5 and torch.allclose(g1, g2, atol=1e-6)
+    short, long = sorted(exs[:2], key=lambda e: len(e['input_ids']))
+    with pytest.raises(ValueError, match='example 1 has'): pack_examples([short, long], len(long['input_ids']) - 1)
