@@ -1,4 +1,4 @@
-"""A scalar score for a response, learned from pairs where people preferred one answer over another: the pipeline, the model (a backbone plus a linear head read at the last real token), the Bradley–Terry loss, proofs that they equal transformers' and trl's, and a LoRA reward model trained on the real model.
+"""A scalar score for a response, learned from pairs where people preferred one answer over another: the pipeline, the model (a backbone plus a linear head read at the last real token), the Bradley–Terry loss, proofs that they equal transformers' and trl's, a LoRA reward model trained from the SFT model and measured on held-out pairs, and what else it rewards: length.
 
 Docs: https://ftcourse.github.io/ftcourse/reward.html.md"""
 
