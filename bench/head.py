@@ -44,7 +44,14 @@ def step(fn, W, h, y, train_w):
     hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_(train_w)
     return lambda: fn(hh, WW, y).sum().backward()
 
-def rss_mib(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib():
+    """The process's peak resident set (MiB): /proc's VmHWM, which a new program starts afresh (ru_maxrss keeps the peak
+    of the process that forked it, here the parent holding the model)."""
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'): return int(line.split()[1]) / 1024
+    except OSError: pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 if a.one:   # one variant in a fresh process: its peak memory
     W, h, y, fns = setup(random_weight=True)
