@@ -1,4 +1,4 @@
-"""One stage, no reference model, no reward model: supervised fine-tuning on the chosen answers plus a penalty on the log odds ratio of chosen to rejected, from scratch, proved against trl's ORPO trainer, and compared with DPO on the same held-out pairs.
+"""One stage, no reference model, no reward model: supervised fine-tuning on the chosen answers plus a penalty on the log odds ratio of chosen to rejected, from scratch, proved against trl's ORPO trainer, and measured against the SFT model it starts from on held-out pairs and questions.
 
 Docs: https://ftcourse.github.io/ftcourse/orpo.html.md"""
 
