@@ -165,7 +165,7 @@ def _pair_table(code):
     b = torch.arange(256, device=code.device)
     return torch.stack([code[b >> 4], code[b & 0xF]], 1).float().contiguous().view(torch.int64).reshape(-1)
 
-_CHUNK = 1 << 14   # values per step on a CPU: the float32 intermediate (64 KiB) stays in the core's cache
+_CHUNK = 1 << 18   # values per step for a large tensor on a CPU: a 1 MiB float32 intermediate, reused while still in cache
 
 def dequantize_nf4(packed:torch.Tensor, # the codes from `quantize_nf4`
                    st:NF4State, # its state
@@ -174,12 +174,19 @@ def dequantize_nf4(packed:torch.Tensor, # the codes from `quantize_nf4`
     "NF4 level times block scale, computed in float32 and rounded once to the output dtype, as bitsandbytes does."
     n, bs = math.prod(st.shape), st.blocksize
     table, am, flat = _pair_table(st.code), nf4_absmax(st), packed.reshape(-1)
-    out = torch.empty(n, dtype=dtype or st.dtype, device=packed.device)
-    # on a CPU, a chunk at a time: the levels are multiplied while still in cache, and written once, in the output dtype
-    step = max(2 * bs, _CHUNK // (2 * bs) * 2 * bs) if packed.device.type == 'cpu' else max(n, 1)
+    if packed.device.type != 'cpu' or n <= 16 * _CHUNK:   # one step: lookup, scale in place, cast once
+        v = table.index_select(0, flat.long()).view(torch.float32)[:n]   # one lookup per byte gives both levels
+        full = n - n % bs
+        v[:full].view(-1, bs).mul_(am[:full // bs, None])
+        if full < n: v[full:].mul_(am[-1])
+        return v.reshape(st.shape).to(dtype or st.dtype)
+    # a large tensor on a CPU, a chunk at a time: the levels are scaled while still in cache and written once, in the
+    # output dtype (torch.mul computes in float32 and rounds into `out`: the same single rounding)
+    out = torch.empty(n, dtype=dtype or st.dtype)
+    step = _CHUNK // (2 * bs) * 2 * bs
     for s in range(0, n, step):
         e = min(s + step, n)
-        v = table.index_select(0, flat[s // 2:(e + 1) // 2].long()).view(torch.float32)[:e - s]   # one lookup per byte gives both levels
+        v = table.index_select(0, flat[s // 2:(e + 1) // 2].long()).view(torch.float32)[:e - s]
         full = (e - s) - (e - s) % bs                     # only the tensor's last block can be partial
         torch.mul(v[:full].view(-1, bs), am[s // bs:(s + full) // bs, None], out=out[s:s + full].view(-1, bs))
         if full < e - s: torch.mul(v[full:], am[-1], out=out[s + full:e])
