@@ -233,7 +233,7 @@ def compare_metrics(ours:dict, theirs:dict, names:dict) -> dict:
     "`{our name: (ours, theirs, |difference|)}` for each pair of names in `names` (ours -> theirs)."
     return {k: (ours[k], theirs[t], abs(ours[k] - theirs[t])) for k, t in names.items()}
 
-# %% ../nbs/08_dpo.ipynb #9ffce9a4
+# %% ../nbs/08_dpo.ipynb #a8917c19
 def _grads(model, loss) -> dict:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -313,7 +313,7 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
     if reference == 'precomputed':
         bs = cfg.micro_batch_size or cfg.batch_size
         seen = sorted({i for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)})
-        # the reference in the precision the loop trains in, so that the first step's log-ratios are exactly 0
+        # the reference in the precision the loop trains in, so that the first step's log-ratios are 0 up to rounding
         dev = next(model.parameters()).device
         with autocast(dev, cfg.mixed_precision):
             pre = precompute_ref_logps(ref_model or model, [exs[i] for i in seen], tok, bs)
@@ -373,7 +373,7 @@ def preference_metrics(model, tok, rows, # the trained model, its tokenizer, hel
     "Held-out implicit-reward accuracy, margin and mean rewards vs `ref`, and the reference-free log-prob accuracy and margin."
     return preference_accuracy(pair_logps(model, tok, rows, ref, batch_size, max_len), beta, per_pair)
 
-# %% ../nbs/08_dpo.ipynb #2b3e914e
+# %% ../nbs/08_dpo.ipynb #9b21f2df
 def ipo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
              policy_rejected:torch.Tensor, # log π_θ(y_l|x)
              ref_chosen:torch.Tensor, # log π_ref(y_w|x)
@@ -398,7 +398,7 @@ def simpo_loss(chosen_logps:torch.Tensor, # mean log-prob per answer token of y_
     losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
     return losses.mean(), beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
-# %% ../nbs/08_dpo.ipynb #17fb4dfb
+# %% ../nbs/08_dpo.ipynb #1bfa2a0d
 def kto_reference_point(policy_kl_logps:torch.Tensor, # log π_θ(y'|x) of mismatched pairs (an answer to another prompt)
                         ref_kl_logps:torch.Tensor, # log π_ref(y'|x) of the same pairs
                        ) -> torch.Tensor:
@@ -422,7 +422,7 @@ def kto_loss(policy_logps:torch.Tensor, # log π_θ(y|x) of each example, shape 
     rewards = beta * logratios.detach()
     return losses.mean(), rewards[desirable], rewards[~desirable]
 
-# %% ../nbs/08_dpo.ipynb #54a458c2
+# %% ../nbs/08_dpo.ipynb #6dd11a69
 def kto_examples(pairs:list[dict], # tokenized pairs from `preference_dataset`
                 ) -> list[dict]:
     "Unpaired examples: every chosen answer desirable, then every rejected one undesirable, each with a mismatched KL sequence."
@@ -448,7 +448,7 @@ def collate_kto(tok, padding_side:str='right'):
         return b
     return collate
 
-# %% ../nbs/08_dpo.ipynb #cc2fb3eb
+# %% ../nbs/08_dpo.ipynb #556768f1
 TRL_KTO_METRICS = dict(chosen_reward='rewards/chosen', rejected_reward='rewards/rejected', chosen_logps='logps/chosen',
                        rejected_logps='logps/rejected', kl='kl')
 
