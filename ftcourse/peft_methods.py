@@ -1,4 +1,4 @@
-"""Four other parameter-efficient methods next to LoRA: the idea and the math of each, where its trainable parameters live, an implementation from scratch, proofs that each computes what peft computes, and one SFT budget on the real model to compare them.
+"""Four other parameter-efficient methods next to LoRA: the idea and the math of each, where its trainable parameters live, an implementation from scratch, proofs that each computes what peft computes, a DoRA fine-tune of the real model tested on the held-out split, and one SFT budget to compare them all.
 
 Docs: https://ftcourse.github.io/ftcourse/peft_methods.html.md"""
 
