@@ -160,7 +160,6 @@ def output_cache(out): # a forward pass's output (a ModelOutput or a dict)
     "The KV cache that a forward pass with `use_cache=True` returned, under either name."
     return out['cache'] if 'cache' in out else out['past_key_values']
 
-_cache_arg, _out_cache = cache_arg, output_cache   # the former private names, still imported by other modules
 
 # %% ../nbs/01_autoregression.ipynb #728c7f1f
 def _eos_ids(model, eos_token_id) -> list[int]:

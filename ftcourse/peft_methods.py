@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 from .lora import LoRALinear, apply_lora, lora_layers, copy_lora_from_peft, count_trainable
 from .sft import sft_loss, IGNORE_INDEX
-from .generate import _cache_arg, _out_cache
+from .generate import cache_arg, output_cache
 
 # %% auto #0
 __all__ = ['PEFT_NAMES', 'DoRALinear', 'apply_dora', 'copy_dora_from_peft', 'virtual_labels', 'virtual_sft_loss_fn',
@@ -157,7 +157,7 @@ class VirtualTokens(nn.Module):
         b, n = input_ids.shape[0], self.n_virtual
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         ids = F.pad(input_ids, (n, 0), value=0)   # n placeholders: generate skips the positions the cache already holds
-        kwargs[_cache_arg(self.model)] = self.virtual_cache(b)
+        kwargs[cache_arg(self.model)] = self.virtual_cache(b)
         return self.model.generate(input_ids=ids, attention_mask=self.virtual_mask(attention_mask), **kwargs)[:, n:]
 
 class SoftPrompt(VirtualTokens):
@@ -174,7 +174,7 @@ class SoftPrompt(VirtualTokens):
 
     def virtual_cache(self, batch_size:int):
         p = self.prompts().to(self.model.dtype).unsqueeze(0).expand(batch_size, -1, -1)
-        return _out_cache(self.model(inputs_embeds=p, use_cache=True))
+        return output_cache(self.model(inputs_embeds=p, use_cache=True))
 
 # %% ../nbs/03a_peft_methods.ipynb #0ac61012
 class PromptTuning(SoftPrompt):
@@ -264,7 +264,7 @@ class PrefixTuning(VirtualTokens):
     def forward(self, input_ids:torch.Tensor, attention_mask:torch.Tensor|None=None, **kwargs):
         if not self.adapters_enabled: return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is not None: attention_mask = self.virtual_mask(attention_mask)
-        kwargs[_cache_arg(self.model)] = self.virtual_cache(input_ids.shape[0])  # a fresh cache each call
+        kwargs[cache_arg(self.model)] = self.virtual_cache(input_ids.shape[0])  # a fresh cache each call
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
