@@ -45,16 +45,21 @@ def preference_wins(model, tok, pref_rows, max_len:int=128) -> list[int]:
     return [int(w) for w in (chosen / n_chosen.clamp(min=1) > rejected / n_rejected.clamp(min=1)).tolist()]
 
 def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column
-                    max_new_tokens:int=24, max_len:int=128) -> dict:
+                    max_new_tokens:int=24, max_len:int=128,
+                    kl_rows:int=48, # the KL estimate's questions: the first this many (two forwards per answer each)
+                   ) -> dict:
     "Per-row judge results and preference wins, answer length and KL to `start` of a policy, in the hardware's autocast."
     device = next(model.parameters()).device
     with autocast(device):
         judged = judge_eval(model, tok, sft_rows, max_new_tokens)
         wins = preference_wins(model, tok, pref_rows, max_len)
-        lp, n = answer_logps(model, tok, sft_rows, judged.responses)
-        kl = (lp - answer_logps(start, tok, sft_rows, judged.responses)[0]).mean().item() if start is not None else 0.0
+        kl = 0.0
+        if start is not None:     # a forward of policy and start over each answer: on a subset, as it costs most
+            rows, answers = sft_rows[:kl_rows], judged.responses[:kl_rows]
+            kl = (answer_logps(model, tok, rows, answers)[0] - answer_logps(start, tok, rows, answers)[0]).mean().item()
+    lengths = [len(tok(a, add_special_tokens=False)['input_ids']) for a in judged.responses]
     return dict(judge=judged.score, judge_correct=judged.correct, tasks=judged.tasks, answers=judged.responses,
-                pref_accuracy=sum(wins) / len(wins), pref_wins=wins, answer_tokens=n.float().mean().item(), kl=kl)
+                pref_accuracy=sum(wins) / len(wins), pref_wins=wins, answer_tokens=sum(lengths) / len(lengths), kl=kl)
 
 # %% ../nbs/10c_tour.ipynb #e2e6a037
 TOUR_ORDER = ('sft', 'reward', 'ppo', 'grpo', 'dpo', 'orpo')
