@@ -76,7 +76,8 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     own = {m: dict(eval_every=0, n_eval=8 if quick else s.n_eval) for m in TOUR_ORDER}
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
-    own['grpo'] = dict(own['grpo'], warmup_steps=0, grpo_tasks='parity,compare,max,count', grpo_max_new_tokens=s.max_new_tokens)
+    # GRPO reads no held-out rows (n_eval is not its option): the tour scores it afterwards, as every policy
+    own['grpo'] = dict(eval_every=0, warmup_steps=0, grpo_tasks='parity,compare,max,count', grpo_max_new_tokens=s.max_new_tokens)
     cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
             for m in TOUR_ORDER}
     for m in TOUR_ORDER[1:]: cfgs[m].base_run = str(out/'sft')
