@@ -162,7 +162,7 @@ def test_tour_quick_writes_the_report_and_every_run(tmp_path):
     assert rc == 0, err
     rep = json.loads((out/'report.json').read_text())
     methods = [r['method'] for r in rep['rows']]
-    assert methods == ['start', 'sft', 'reward', 'ppo', 'dpo', 'orpo']
+    assert methods == ['start', 'sft', 'reward', 'ppo', 'grpo', 'dpo', 'orpo']
     for r in rep['rows'][1:]:
         saved = load_file(out/r['method']/'trainable.safetensors')
         assert r['trainable_params'] == sum(t.numel() for t in saved.values()) > 0
