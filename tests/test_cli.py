@@ -175,7 +175,12 @@ def test_tour_quick_writes_the_report_and_every_run(tmp_path):
     assert (out/'ppo'/'value_head.safetensors').exists()
     assert read_run_config(out/'ppo').reward_model == str(out/'reward') and read_run_config(out/'dpo').base_run == str(out/'sft')
     md = (out/'report.md').read_text()
-    assert md.count('\n| ') == 7 and '(metrics.png)' in md and (out/'metrics.png').stat().st_size > 10_000 and (out/'training.png').exists()
+    sections = {sec.split('\n')[0]: sec for sec in md.split('\n## ')}
+    rows_of = lambda title: sum(line.startswith('| ') for line in sections[title].splitlines())
+    assert rows_of('Every run') == 1 + len(methods)                       # the header, then one row per run
+    assert rows_of('Against the SFT model, with 95% intervals') == len(methods)   # the header, every policy (not the reward model)
+    assert 'Judge score per task' in sections
+    assert '(metrics.png)' in md and (out/'metrics.png').stat().st_size > 10_000 and (out/'training.png').exists()
     assert '| method | judge |' in stdout
     rc, stdout, err = cli('tour', '--model', 'tiny', '--quick', '--out', out)
     assert rc == 2 and 'already holds a tour' in err
