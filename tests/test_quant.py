@@ -51,6 +51,15 @@ def test_heavy_tails_and_many_blocks():
     w[3, 5] = 40.0; w.view(-1)[640:704] = 0.0; w.view(-1)[-50:] = 0.0   # an outlier, an all-zero block, an all-zero last partial block
     assert_bitexact(w, False); assert_bitexact(w, True)
 
+def test_large_tensor_takes_the_chunked_path_bitexact():
+    "Tensors above 16 chunks are dequantized a chunk at a time on a CPU: still bit-exact, partial last block included."
+    from ftcourse.quant import _CHUNK
+    torch.manual_seed(4)
+    for shape, dtype in [((16 * _CHUNK + 37,), torch.float32), ((2049, 2051), torch.bfloat16)]:
+        w = (torch.randn(shape) * 0.02).to(dtype)
+        assert w.numel() > 16 * _CHUNK and w.numel() % 64   # more than one step, and a last block that is partial
+        assert_bitexact(w, True)
+
 def test_blocksizes():
     torch.manual_seed(1)
     w = torch.randn(96, 160)
