@@ -9,11 +9,11 @@ from __future__ import annotations
 import math, tempfile, warnings
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 import torch
 from .evaluate import sample_responses
 from .lora import lora_layers, adapters_disabled
-from .ppo import masked_mean, entropy_from_logits, forward_policy, judge_reward
+from .ppo import masked_mean, forward_policy, judge_reward
 from .sft import pad_id, pad_sequences, prompt_messages
 from .train import TrainConfig, train, History
 

@@ -13,12 +13,11 @@ from .core import eval_mode
 from .sft import IGNORE_INDEX
 from .train import TrainConfig, train, History
 from .reward import pair_metrics, pair_len
-from .dpo import (concatenated_logps, token_logps, collate_dpo, evaluate_pairs, compare_metrics,
-                          preference_metrics, _examples)
+from .dpo import concatenated_logps, token_logps, collate_dpo, evaluate_pairs, _examples
 
 # %% auto #0
-__all__ = ['TRL_ORPO_METRICS', 'log1mexp', 'log_odds', 'orpo_loss', 'orpo_loss_fn', 'trl_orpo_trainer', 'trl_orpo_batch',
-           'train_orpo', 'step_memory', 'logp_preferences']
+__all__ = ['TRL_ORPO_METRICS', 'log1mexp', 'log_odds', 'orpo_loss', 'orpo_loss_fn', 'trl_orpo_trainer', 'train_orpo',
+           'step_memory', 'logp_preferences']
 
 # %% ../nbs/09_orpo.ipynb #b295bde3
 def log1mexp(x:torch.Tensor # values ≤ 0
@@ -101,12 +100,6 @@ def trl_orpo_trainer(model, tok, rows, # the model, its tokenizer, preference ro
     args = ORPOConfig(**{**dict(output_dir=tempfile.mkdtemp(), beta=lam, max_length=max_len, report_to=[], use_cpu=True,
                                 bf16=False, dataset_num_proc=None, per_device_train_batch_size=len(ds), save_strategy='no', disable_tqdm=True), **config})
     return ORPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-
-def trl_orpo_batch(batch:dict) -> dict:
-    "A `collate_dpo` batch (2B rows, chosen first) in trl ORPO's format: `chosen_*` and `rejected_*` tensors."
-    B = len(batch['input_ids']) // 2
-    return {f'{side}_{k}': v[sl] for side, sl in (('chosen', slice(0, B)), ('rejected', slice(B, None)))
-            for k, v in (('input_ids', batch['input_ids']), ('attention_mask', batch['attention_mask']), ('labels', batch['labels']))}
 
 # %% ../nbs/09_orpo.ipynb #0847d297
 def train_orpo(model, tok, train_rows, # the model (LoRA applied or not), its tokenizer, preference rows (or examples)

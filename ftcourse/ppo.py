@@ -9,12 +9,13 @@ from __future__ import annotations
 import math, random, time
 from copy import deepcopy
 from dataclasses import dataclass, asdict
-import torch, torch.nn.functional as F
+import torch
 from torch import nn
 from .core import set_seed, autocast, eval_mode
 from .data import judge
 from .generate import generate
 from .lora import lora_layers, adapters_disabled
+from .reward import score_responses
 from .sft import chat_ids, pad_sequences, pad_id, prompt_messages
 from .train import History, cosine_with_warmup, batch_indices
 
@@ -206,18 +207,8 @@ def judge_reward(rows:list[dict], responses:list[str]) -> torch.Tensor:
 
 def reward_model_reward(rm, tok, batch_size:int=8):
     "A `reward_fn(rows, responses)` that scores each (prompt, response) conversation with a `RewardModel`, as it was trained."
-    pid = pad_id(tok)
-    @torch.no_grad()
     def reward_fn(rows, responses):
-        dev, out = next(rm.parameters()).device, []
-        with eval_mode(rm):
-            for i in range(0, len(rows), batch_size):
-                ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])
-                       for r, a in zip(rows[i:i + batch_size], responses[i:i + batch_size])]
-                x = pad_sequences(ids, pid).to(dev)
-                m = pad_sequences([[1] * len(s) for s in ids], 0).to(dev)
-                out.append(rm(x, m).float().cpu())
-        return torch.cat(out)
+        return score_responses(rm, tok, rows, responses, batch_size).float()   # chapter 6's scorer, in fp32
     return reward_fn
 
 # %% ../nbs/07_ppo.ipynb #1bbf2ad5

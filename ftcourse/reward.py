@@ -7,7 +7,6 @@ Docs: https://ftcourse.github.io/ftcourse/reward.html.md"""
 # %% ../nbs/06_reward.ipynb #20389d0b
 from __future__ import annotations
 import math, random
-from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn.functional as F
 from torch import nn

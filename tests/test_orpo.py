@@ -4,8 +4,8 @@ import pytest, torch
 from ftcourse.core import tiny_model, load_course_dataset, set_seed
 from ftcourse.sft import preference_dataset, sft_loss
 from ftcourse.lora import apply_lora, lora_layers
-from ftcourse.dpo import collate_dpo, compare_metrics, preference_metrics
-from ftcourse.orpo import (log1mexp, log_odds, orpo_loss, orpo_loss_fn, TRL_ORPO_METRICS, trl_orpo_trainer, trl_orpo_batch,
+from ftcourse.dpo import collate_dpo, compare_metrics, preference_metrics, trl_paired_batch
+from ftcourse.orpo import (log1mexp, log_odds, orpo_loss, orpo_loss_fn, TRL_ORPO_METRICS, trl_orpo_trainer,
                            train_orpo, step_memory, logp_preferences)
 from ftcourse.dpo import concatenated_logps
 from ftcourse.train import TrainConfig, train, count_items
@@ -76,7 +76,7 @@ def test_matches_trl(rows, lora):
     tr = trl_orpo_trainer(m, tok, rows, lam=0.25)
     b = collate_dpo(tok)(preference_dataset(rows, tok, 128, verbose=False)[0])
     m.train()
-    l_trl, m_trl = tr.get_batch_loss_metrics(m, trl_orpo_batch(b), 'train'); g_trl = _grads(m, l_trl)
+    l_trl, m_trl = tr.get_batch_loss_metrics(m, trl_paired_batch(b), 'train'); g_trl = _grads(m, l_trl)
     l_ours, m_ours = orpo_loss_fn(0.25, nll_on='sequence')(m, b); g_ours = _grads(m, l_ours)
     torch.testing.assert_close(l_ours, l_trl, rtol=1e-5, atol=0)
     for k, (a, t, d) in compare_metrics(m_ours, m_trl, TRL_ORPO_METRICS).items(): assert d <= 1e-5 * max(1, abs(t)), (k, a, t)
