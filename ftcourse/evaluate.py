@@ -11,7 +11,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from statistics import NormalDist
 import numpy as np, torch
-from .core import eval_mode
+from .core import eval_mode, cache_dir
 from .data import judge
 from .sft import chat_ids, pad_id, pad_sequences, prompt_messages, generate_responses
 from .generate import generate
@@ -84,7 +84,6 @@ def weights_digest(model) -> str:
 
 def _answers_path(model, tok, conversations, max_new_tokens, batch_size) -> Path:
     "Where the greedy answers of `model` to `conversations` are cached: a hash of everything that decides them."
-    from ftcourse.core import cache_dir
     device = next(model.parameters()).device.type
     autocast_dtype = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
     what = dict(weights=weights_digest(model), template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
