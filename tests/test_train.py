@@ -54,7 +54,7 @@ def test_data_order_covers_every_example_each_epoch():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert batch_indices(2, 4, 10, shuffle=False) == [8, 9, 0, 1]
 
-def _run(data, out_dir, crash_at=None, resume=False, steps=6):
+def _run(data, out_dir, crash_at=None, resume=False, steps=6, cfg_resume=False):
     exs, coll = data
     m, _ = tiny_model(); calls = dict(n=0)
     def loss_fn(model, b):
@@ -62,7 +62,7 @@ def _run(data, out_dir, crash_at=None, resume=False, steps=6):
         if crash_at and calls['n'] == crash_at: raise RuntimeError('simulated crash')
         return sft_loss_fn(model, b)
     cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=2, save_every=2, eval_every=3,
-                      out_dir=str(out_dir), progress=False, mixed_precision="no")
+                      out_dir=str(out_dir), progress=False, mixed_precision="no", resume=cfg_resume)
     try: h = train(m, loss_fn, exs, cfg, collate_fn=coll, eval_data=exs[:8], resume=resume)
     except RuntimeError: h = None
     return m, h
@@ -127,3 +127,25 @@ def test_evaluate_is_the_item_weighted_mean_and_restores_the_mode(data):
     m.eval()
     with torch.no_grad(): whole = sft_loss_fn(m, coll(exs[:8]))[0].item()
     assert abs(held_out - whole) < 1e-5 * whole
+
+def test_resume_through_the_config(data, tmp_path, capsys):
+    "`TrainConfig(resume=True)` resumes as `train(..., resume=True)` does."
+    whole, h = _run(data, tmp_path/'a')
+    _run(data, tmp_path/'b', crash_at=9)                   # dies after checkpoint-4
+    capsys.readouterr()
+    resumed, h2 = _run(data, tmp_path/'b', cfg_resume=True)
+    assert 'checkpoint-000004 at step 4' in capsys.readouterr().out   # a fresh run would give the same weights: check it resumed
+    assert [r['loss'] for r in h if 'loss' in r] == [r['loss'] for r in h2 if 'loss' in r]   # steps 1-4 from the checkpoint
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()): assert torch.equal(p, q), n
+
+def test_trained_model_runs_without_the_autocast_wrapper(data):
+    "After a bf16 run, forward runs in the caller's precision: fp32 logits equal to a plain copy of the weights'."
+    exs, coll = data
+    m, _ = tiny_model()
+    train(m, sft_loss_fn, exs, TrainConfig(steps=1, batch_size=4, eval_every=0, progress=False, mixed_precision='bf16'),
+          collate_fn=coll)
+    copy, _ = tiny_model()
+    copy.load_state_dict(m.state_dict())
+    copy.eval()
+    x = coll(exs[:2])['input_ids']
+    with torch.no_grad(): assert torch.equal(m(x).logits, copy(x).logits)
