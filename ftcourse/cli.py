@@ -1,4 +1,4 @@
-"""SFT with LoRA, a reward model, PPO, DPO and ORPO on the packaged model and data, from one command; the same pieces as a command line a practitioner keeps using after the course.
+"""SFT with LoRA, a reward model, PPO, GRPO, DPO and ORPO on the packaged model and data, from one command; the same pieces as a command line a practitioner keeps using after the course.
 
 Docs: https://ftcourse.github.io/ftcourse/capstone.html.md"""
 
@@ -7,7 +7,6 @@ Docs: https://ftcourse.github.io/ftcourse/capstone.html.md"""
 # %% ../nbs/10_capstone.ipynb #38a2bd8e
 from __future__ import annotations
 import argparse, sys, time, traceback
-from dataclasses import fields
 from pathlib import Path
 import torch
 from .core import DEFAULT_MODEL, ModelNotAvailable, set_seed, tiny_model

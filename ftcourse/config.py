@@ -56,7 +56,7 @@ class LoopOptions:
     micro_batch_size:int|None = _opt(None, "sequences per forward/backward (gradient accumulation); "
                                            "default: the whole batch")
     lr:float = _opt(2e-4, "peak learning rate (linear warmup, then cosine decay)",
-                    aliases=['--learning_rate', '--learning-rate'])   # its name until now, still read
+                    aliases=['--learning_rate', '--learning-rate'])   # YAML files and flags may still say learning_rate
     max_grad_norm:float = _opt(1.0, "clip the gradient norm (0: no clipping)")
     warmup_steps:int = _opt(3, "warmup steps")
     weight_decay:float = _opt(0.0, "AdamW weight decay")
@@ -121,7 +121,7 @@ METHODS = tuple(METHOD_OPTIONS)
 @dataclass
 class RunConfig(GRPOOptions, PPOOptions, ORPOOptions, DPOOptions, HeldOutOptions, LoopOptions, RunOptions):
     "Everything that defines a training run: every group of options in one record (a run folder's `config.yaml`)."
-    learning_rate:InitVar[float|None] = None   # the name `lr` had until now: remove once no caller passes it
+    learning_rate:InitVar[float|None] = None   # `lr`'s other name, for code that builds a RunConfig with it
 
     def __post_init__(self, learning_rate):
         if learning_rate is not None: self.lr = learning_rate

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 from .core import require
-from .lora import LoRALinear, lora_layers, target_names
+from .lora import LoRALinear, lora_layers
 from .peft_methods import DoRALinear, VirtualTokens, PromptTuning, PTuning, PrefixTuning
 
 # %% auto #0

@@ -68,15 +68,13 @@ def train_config(cfg:RunConfig, out_dir:str|Path|None) -> 'TrainConfig':
     return TrainConfig(**dict(same, out_dir=str(out_dir) if out_dir else None, keep_checkpoints=1,
                               log_with=[t.strip() for t in cfg.log_with.split(',')] if cfg.log_with else None))
 
-def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128,
-              resume:bool=False, # continue from the latest checkpoint in cfg.out_dir
-             ):
+def train_sft(model, tok, train_rows, eval_rows=None, cfg:'TrainConfig'=None, max_len:int=128):
     "Chapter 2: masked-label SFT of `model` on chat rows with the course's training loop."
     from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn
     from ftcourse.train import train
     train_data, _ = sft_dataset(train_rows, tok, max_len)
     eval_data = sft_dataset(eval_rows, tok, max_len)[0] if eval_rows else None
-    return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data, resume=resume)
+    return train(model, sft_loss_fn, train_data, cfg, collate_sft(tok), eval_data=eval_data)
 
 # %% ../nbs/10b_methods.ipynb #88f468a9
 def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
@@ -92,7 +90,7 @@ def ppo_prompts(cfg:RunConfig, tok, rows:list) -> list:
     return kept
 
 def _fit_sft(cfg, model, tok, train_rows, eval_rows, tcfg):
-    return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len, resume=cfg.resume)
+    return model, train_sft(model, tok, train_rows, eval_rows, tcfg, cfg.sequence_len)   # tcfg.resume: the run's `resume`
 
 def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import reward

@@ -11,9 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
 from .core import load_model, set_seed, tiny_model
-# the tour and the export chapter import the configuration's names from here too
-from .config import (METHODS, FIXED, RunConfig, ConfigError, config_yaml, is_peft_folder, is_run_folder,
-                             load_config, read_run_config, read_yaml)
+from .config import RunConfig, ConfigError, config_yaml, is_peft_folder, is_run_folder, read_run_config
 
 # %% auto #0
 __all__ = ['is_main_process', 'wait_for_everyone', 'check_output_dir', 'check_resumable', 'prepare_output_dir', 'read_csv',

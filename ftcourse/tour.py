@@ -1,4 +1,4 @@
-"""SFT with LoRA, then from the SFT model a reward model, PPO, DPO and ORPO, each a run of the command line; every policy scored the same way, in one report.
+"""SFT with LoRA, then from the SFT model a reward model, PPO, GRPO, DPO and ORPO, each a run of the command line; every policy scored the same way, in one report.
 
 Docs: https://ftcourse.github.io/ftcourse/tour.html.md"""
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from .core import DEFAULT_MODEL, autocast, eval_mode
 from .evaluate import JudgeResult, judge_eval, compare, wilson_interval, paired_test
-from .runs import (FIXED, RunConfig, ConfigError, base_model, config_yaml, load_reward_run, load_run, read_csv)
+from .config import FIXED, RunConfig, ConfigError, config_yaml
+from .runs import base_model, load_reward_run, load_run, read_csv
 
 # %% auto #0
 __all__ = ['TOUR_ORDER', 'answer_logps', 'preference_wins', 'evaluate_policy', 'tour_configs', 'tour', 'significance_rows',
