@@ -1,5 +1,5 @@
 """The benches' shared timing and reporting: interleaved repeats with medians, the machine's load, and a table header
-with the date and the versions. Every bench imports from here (one helper, not one per file)."""
+with the date and the versions, written once for the benches that import them."""
 import datetime, importlib.metadata, os, platform, statistics, time
 
 import torch

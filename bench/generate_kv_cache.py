@@ -1,7 +1,7 @@
 """Greedy decoding on the real model: ftcourse.generate vs transformers' model.generate, with and without the KV cache.
 Prints a markdown table (seconds, ms per token, ratios); asserts both produce the same tokens.
 Usage: python bench/generate_kv_cache.py [--new 48] [--reps 2] [--threads N]"""
-import argparse, os, platform
+import argparse, os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 from ftcourse.core import load_model

@@ -1,7 +1,7 @@
 """Benchmark: ftcourse.quant NF4 quantize/dequantize vs bitsandbytes' CPU kernels, on the same tensors, in one run;
 then a training step through a 4-bit layer (forward + backward of NF4Linear vs bitsandbytes' Linear4bit in training mode).
 Run: python bench/nf4.py > bench/nf4.md  (bench/run_all.py does this)."""
-import math, platform, os
+import math, os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch
 import bitsandbytes as bnb, bitsandbytes.functional as bnbF

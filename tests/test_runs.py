@@ -89,8 +89,8 @@ def test_ppo_run_uses_sequence_len_and_all_rows(tmp_path):
     assert 0 < expect < len(rows)
     o = io.StringIO()
     with contextlib.redirect_stdout(o):
-        res = run(load_config(overrides=dict(PPO_TINY, steps=1, dataset=str(tmp_path/'p.jsonl'),
-                                             sequence_len=seq_len, ppo_max_new_tokens=4, output_dir=str(tmp_path/'ppo'))), device='cpu')
+        run(load_config(overrides=dict(PPO_TINY, steps=1, dataset=str(tmp_path/'p.jsonl'),
+                                       sequence_len=seq_len, ppo_max_new_tokens=4, output_dir=str(tmp_path/'ppo'))), device='cpu')
     assert f"{expect} prompts kept, {len(rows) - expect} dropped" in o.getvalue()
     assert 'held out' not in o.getvalue()
     assert read_run_config(tmp_path/'ppo').weight_decay == 0.01 and (tmp_path/'ppo'/'value_head.safetensors').exists()

@@ -13,7 +13,7 @@ Notebooks execute as `nbdev-test --flags gpu` does: nbdev's own cell predicate w
 execnb's CaptureShell, the notebook's folder as working directory (the logic of tools/site.py's `_execute`).
 """
 from __future__ import annotations
-import argparse, asyncio, io, json, os, shutil, signal, subprocess, sys, tarfile, threading, time, zipfile
+import argparse, asyncio, json, os, shutil, signal, subprocess, sys, tarfile, threading, time, zipfile
 import multiprocessing as mp
 from pathlib import Path
 
@@ -35,8 +35,8 @@ PLATFORMS = ['manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_24_x
              'manylinux2014_x86_64', 'manylinux1_x86_64', 'any']
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja', 'generation_config.json')
 # heaviest first, so that they get the whole budget; notebooks not named here run after these, in name order
-PRIORITY = ['10_capstone', '10c_tour', '10b_methods', '07_ppo', '02b_train', '03a_peft_methods', '08_dpo', '09_orpo', '06_reward',
-            '03_lora', '04_nf4', '05_checkpointing', '10a_runs', '02a_sft', '01_autoregression', '01a_evaluate']
+PRIORITY = ['10_capstone', '10c_tour', '10b_methods', '07_ppo', '02b_train', '03a_peft_methods', '08_dpo', '09_orpo',
+            '06_reward', '03_lora', '04_nf4', '05_checkpointing', '10a_runs', '02a_sft', '01_autoregression', '02ab_evaluate']
 
 def log(*a): print(f"[gpu-check {time.strftime('%H:%M:%S')}]", *a, flush=True)
 
