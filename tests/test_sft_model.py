@@ -1,5 +1,4 @@
 "`ftcourse.lora.sft_model`: chapter 3's SFT model, trained once, cached, and safe when two callers ask at once."
-import threading
 import torch
 import ftcourse.core
 from ftcourse.core import tiny_model, course_settings
@@ -25,19 +24,27 @@ def test_trains_once_then_loads_the_same_model(monkeypatch, tmp_path):
     m3, _, _ = sft_model(s, seed=1, verbose=False)                  # another seed is another model
     assert len(list((tmp_path/'sft').glob('*/adapters.safetensors'))) == 2
 
-def _child(s, path):
-    model, _, hist = sft_model(s, verbose=False)
-    torch.save(dict(state=model.state_dict(), hist=list(hist)), path)
+_CHILD = """
+import sys, torch, ftcourse.core
+from ftcourse.core import tiny_model, course_settings
+from ftcourse.lora import sft_model
+ftcourse.core.load_model = lambda name=None, device=None, **kw: tiny_model(seed=0)
+s = course_settings('cpu', steps=3, batch_size=2, micro_batch_size=2, max_len=48, eval_every=3)
+model, _, hist = sft_model(s, verbose=False)
+torch.save(dict(state=model.state_dict(), hist=list(hist)), sys.argv[1])
+"""
 
-def test_two_processes_at_once_train_once(monkeypatch, tmp_path):
+def test_two_processes_at_once_train_once(tmp_path):
     "Two notebooks asking at the same moment: one trains, the other waits on the lock and loads the same model."
-    import multiprocessing as mp
-    s = _tiny(monkeypatch, tmp_path)
-    ctx = mp.get_context('fork')       # the children keep the monkeypatched tiny model and cache folder
-    procs = [ctx.Process(target=_child, args=(s, tmp_path/f'out{i}.pt')) for i in range(2)]
-    for p in procs: p.start()
-    for p in procs: p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    # Two fresh interpreters, as two notebooks are (a fork of this process could deadlock in OpenMP's thread pool)
+    import os, subprocess, sys
+    env = dict(os.environ, FTCOURSE_CACHE=str(tmp_path), OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, '-c', _CHILD, str(tmp_path/f'out{i}.pt')], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try: outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs: p.kill()                   # never leave a child behind, whatever failed
+    assert [p.returncode for p in procs] == [0, 0], outs
     a, b = (torch.load(tmp_path/f'out{i}.pt', weights_only=True) for i in range(2))
     assert a['hist'] == b['hist']
     assert all(torch.equal(a['state'][k], b['state'][k]) for k in a['state'])
