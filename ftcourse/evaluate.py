@@ -82,12 +82,13 @@ def weights_digest(model) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
-def _answers_path(model, tok, conversations, max_new_tokens, batch_size) -> Path:
-    "Where the greedy answers of `model` to `conversations` are cached: a hash of everything that decides them."
+def _answers_path(digest:str, model, tok, conversations, max_new_tokens) -> Path:
+    "Where the greedy answers of the model with weights `digest` to one batch of `conversations` are cached."
     device = next(model.parameters()).device.type
     autocast_dtype = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-    what = dict(weights=weights_digest(model), template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
-                conversations=conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+    # one batch: its answers depend on the batch's own prompts (padded to its longest), not on the rows around it
+    what = dict(weights=digest, template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
+                conversations=conversations, max_new_tokens=max_new_tokens, device=device,
                 autocast=autocast_dtype, torch=torch.__version__)
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return cache_dir()/'answers'/f'{key}.json'
@@ -144,12 +145,25 @@ def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split'
         for key in ('answer', 'task'):
             if key not in r: raise ValueError(f"row {i} has no {key!r}: the judge needs each row's answer and task")
     conversations = [prompt_messages(r) for r in rows]
-    path = _answers_path(model, tok, conversations, max_new_tokens, batch_size) if cache else None
-    if path is not None and path.exists():
-        responses = json.loads(path.read_text())
-    else:
-        responses = generate_responses(model, tok, conversations, max_new_tokens, batch_size)
-        if path is not None: _write_atomic(path, json.dumps(responses))
+    digest = weights_digest(model) if cache else None
+    responses = []
+    for i in range(0, len(conversations), batch_size):
+        part = conversations[i:i + batch_size]
+        if not cache:
+            responses += generate_responses(model, tok, part, max_new_tokens, batch_size)
+            continue
+        path = _answers_path(digest, model, tok, part, max_new_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", 'w') as lock:
+            try:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX)   # a second process asking for this batch waits, then reads it
+            except ImportError: pass
+            if path.exists(): responses += json.loads(path.read_text())
+            else:
+                got = generate_responses(model, tok, part, max_new_tokens, batch_size)
+                _write_atomic(path, json.dumps(got))
+                responses += got
     # the judge runs every time: it is cheap, and a changed judge must not be hidden by the cache
     return JudgeResult([int(judge(r, a)) for r, a in zip(rows, responses)], responses, [r['task'] for r in rows])
 

@@ -118,16 +118,18 @@ def test_sampled_eval_tiny():
     assert list(out['per_task']['task']) == ['add', 'capital', 'parity']
 
 def test_judge_eval_caches_answers_by_weights_and_settings(monkeypatch, tmp_path):
-    "A second evaluation of the same weights, rows and settings reuses the answers; any change generates afresh."
+    "A second evaluation of the same weights, rows and settings reuses the answers, batch by batch; any change generates afresh."
     import ftcourse.evaluate as ev
     monkeypatch.setenv('FTCOURSE_CACHE', str(tmp_path))
     model, tok = tiny_model()
     first = judge_eval(model, tok, ROWS, max_new_tokens=6, batch_size=3)
-    assert len(list((tmp_path/'answers').glob('*.json'))) == 1
+    assert len(list((tmp_path/'answers').glob('*.json'))) == 2          # one file per batch: rows 0-2 and row 3
     def no_generation(*a, **k): raise AssertionError('generated again')
     monkeypatch.setattr(ev, 'generate_responses', no_generation)
     again = judge_eval(model, tok, ROWS, max_new_tokens=6, batch_size=3)
     assert (again.correct, again.responses) == (first.correct, first.responses)
+    head = judge_eval(model, tok, ROWS[:3], max_new_tokens=6, batch_size=3)   # the first batch alone: read, not generated
+    assert head.responses == first.responses[:3]
     for change in (dict(max_new_tokens=5), dict(batch_size=2)):
         with pytest.raises(AssertionError, match='generated again'): judge_eval(model, tok, ROWS, **dict(dict(max_new_tokens=6, batch_size=3), **change))
     with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(AssertionError, match='generated again'):

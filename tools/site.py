@@ -149,6 +149,16 @@ def _execute(src:str, dst:str) -> tuple[bool, float, str]:
     write_nb(nb, tmp); tmp.replace(dst)
     return True, time.time()-t0, ''
 
+# The order the workers take notebooks in. Chapter 3 first: it judges the instruct model on the SFT test split and trains
+# the SFT model, which 2ab, 2b and 3a (the instruct model's answers) and 6-9 (`sft_model()`) then read from the cache
+# instead of computing again or waiting on its lock. Meanwhile the other worker runs chapters that need neither; then the
+# longest first, so that no long notebook starts last. Notebooks not named here follow in name order.
+ORDER = ['03_lora', '01_autoregression', '02a_sft', '04_nf4', '05_checkpointing', '08_dpo', '09_orpo', '07_ppo',
+         '06_reward', '02b_train', '03a_peft_methods', '11_export', '02ab_evaluate', '07a_grpo', '10_capstone']
+
+def _rank(nb:Path) -> tuple:
+    return (ORDER.index(nb.stem), '') if nb.stem in ORDER else (len(ORDER), nb.name)
+
 def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Path]:
     "Executed copy of every notebook in `nbs`, from the cache where it is current; exits 1 if any notebook fails."
     env, todo, out = env_key(), [], {}
@@ -164,7 +174,7 @@ def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Pat
     if jobs > 1: os.environ.setdefault('OMP_NUM_THREADS', '1')
     # one fresh process per notebook (IPython's shell takes over the worker's __main__, as in Jupyter)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context('spawn'), max_tasks_per_child=1) as ex:
-        futs = {ex.submit(_execute, str(nb), str(out[nb])): nb for nb in todo}
+        futs = {ex.submit(_execute, str(nb), str(out[nb])): nb for nb in sorted(todo, key=_rank)}
         for f in as_completed(futs):
             nb = futs[f]; ok, secs, err = f.result()
             how = 'in a Jupyter kernel, GPU cells included,' if needs_kernel(nb) else 'as nbdev-test does'
