@@ -74,9 +74,17 @@ def pass_at_k(n:int, # samples drawn for the question
 
 # %% ../nbs/02ab_evaluate.ipynb #e7a1c002
 def weights_digest(model) -> str:
-    "sha256 over every tensor of `model`'s state dict (name, dtype, shape, bytes): equal digests mean equal weights."
+    "sha256 over the tensors `model` computes with (name, dtype, shape, bytes): equal digests mean equal weights."
+    # A layer whose adapters are switched off (chapter 3's `adapters_disabled`) computes its base layer alone: it counts as
+    # that layer, so the SFT model with fresh adapters switched off has the plain SFT model's digest (and cached answers).
+    off = [n for n, m in model.named_modules() if getattr(m, 'adapters_enabled', True) is False and hasattr(m, 'base')]
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        layer = next((p for p in off if name.startswith(p + '.')), None)
+        if layer is not None:
+            rest = name[len(layer) + 1:]
+            if not rest.startswith('base.'): continue          # the adapter's own tensors take no part
+            name = f"{layer}.{rest[len('base.'):]}"
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())

@@ -137,3 +137,15 @@ def test_judge_eval_caches_answers_by_weights_and_settings(monkeypatch, tmp_path
     with pytest.raises(AssertionError, match='generated again'): judge_eval(model, tok, ROWS, max_new_tokens=6, batch_size=3, cache=False)
     with torch.no_grad(): next(model.parameters()).view(-1)[0] += 1e-3    # one weight moved: another model
     with pytest.raises(AssertionError, match='generated again'): judge_eval(model, tok, ROWS, max_new_tokens=6, batch_size=3)
+
+def test_weights_digest_counts_switched_off_adapters_as_their_base():
+    "The model with adapters switched off computes its base: same digest as the plain model; switched on, another one."
+    from ftcourse.evaluate import weights_digest
+    from ftcourse.lora import apply_lora, adapters_disabled
+    model, _ = tiny_model()
+    plain = weights_digest(model)
+    apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+    assert weights_digest(model) != plain
+    with adapters_disabled(model): assert weights_digest(model) == plain
+    with torch.no_grad(): model.model.layers[0].self_attn.q_proj.base.weight[0, 0] += 1e-3   # the base itself changed
+    with adapters_disabled(model): assert weights_digest(model) != plain
