@@ -16,6 +16,7 @@ from ftcourse.quant import quantize_lora_bases
 from ftcourse.sft import sft_dataset, collate_sft, sft_loss_fn, preference_dataset
 from ftcourse.dpo import collate_dpo, dpo_loss_fn, precompute_ref_logps
 from ftcourse.train import TrainConfig, train
+from _timing import is_loaded, load_average
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--steps', type=int, default=8)
@@ -48,7 +49,7 @@ def one_run(kind:str, batch:int, lr:float, qlora:bool, precision:str) -> tuple[f
     seconds = [r['seconds'] for r in hist if 'seconds' in r][1:]
     return statistics.median(seconds), [r['loss'] for r in hist if 'loss' in r]
 
-load_before = os.getloadavg()[0]
+load_before = load_average()
 rows, t0 = [], time.time()
 for name, (kind, batch, lr, qlora) in WORKLOADS.items():
     times = {'no': [], 'bf16': []}
@@ -64,9 +65,9 @@ for name, (kind, batch, lr, qlora) in WORKLOADS.items():
     rows.append((name, fp32, bf16, fp32 / bf16, gaps[0], max(gaps), rel, losses['no'][-1], losses['bf16'][-1]))
     print(f"{name}: fp32 {fp32:.2f} s/step, bf16 {bf16:.2f} s/step ({fp32 / bf16:.2f}x); "
           f"loss gap first step {gaps[0]:.1e}, largest {max(gaps):.1e} ({rel:.1%})", flush=True)
-load_after = os.getloadavg()[0]
+load_after = load_average()
 
-loaded = max(load_before, load_after) > 0.5 * (os.cpu_count() or 1) + 0.5
+loaded = is_loaded(max(load_before, load_after))   # the bench's own threads count too: above the core count
 lines = ["# fp32 against bf16 autocast on the CPU", "",
          f"Measured {time.strftime('%Y-%m-%d')} by `python bench/precision.py --steps {args.steps} --repeats {args.repeats}` "
          f"in {time.time() - t0:.0f} s. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
