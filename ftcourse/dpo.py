@@ -21,9 +21,9 @@ from .reward import pair_metrics
 __all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
            'model_logps', 'concatenated_logps', 'dpo_loss', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy',
            'reference_model', 'reference_logps', 'dpo_loss_fn', 'trl_trainer', 'trl_dpo_trainer', 'trl_paired_batch',
-           'trl_loss_metrics', 'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'evaluate_pairs',
-           'train_dpo', 'pair_logps', 'preference_accuracy', 'preference_metrics', 'ipo_loss', 'simpo_loss',
-           'kto_reference_point', 'kto_loss', 'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
+           'trl_loss_metrics', 'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'train_dpo', 'pair_logps',
+           'preference_accuracy', 'preference_metrics', 'ipo_loss', 'simpo_loss', 'kto_reference_point', 'kto_loss',
+           'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
 
 # %% ../nbs/08_dpo.ipynb #cbe0035b
 def aligned_logps(logits:torch.Tensor, # (N, T, V), position t scores target t (already shifted)
@@ -269,21 +269,6 @@ def assert_matches_trl(result:dict, # from `compare_with_trl`
     assert result['grad_diff'] < grad_rtol, f"gradients differ by {result['grad_diff']:.1e}"
 
 # %% ../nbs/08_dpo.ipynb #b326b935
-@torch.no_grad()
-def evaluate_pairs(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)` with `n_items` in the metrics
-                   examples:list[dict], collate_fn, batch_size:int=8) -> dict:
-    "Every float metric of `loss_fn` over `examples`, averaged with weights `n_items` (in eval mode, no gradients)."
-    sums, n = {}, 0
-    dev = next(model.parameters()).device
-    with eval_mode(model):
-        for i in range(0, len(examples), batch_size):
-            b = collate_fn([examples[j] for j in range(i, min(i + batch_size, len(examples)))])
-            _, m = loss_fn(model, {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()})
-            n += m['n_items']
-            for k, v in m.items():
-                if k != 'n_items' and isinstance(v, (int, float)): sums[k] = sums.get(k, 0.0) + v * m['n_items']
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
 def _examples(rows, tok, max_len, verbose):
     rows = rows if isinstance(rows, list) else list(rows)
     if rows and 'chosen_input_ids' in rows[0]: return rows
@@ -322,11 +307,8 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
         for i, e in zip(seen, pre): exs[i] = e
     frozen = (ref_model or frozen_copy(model)) if reference == 'frozen' else None
     loss_fn = dpo_loss_fn(beta, frozen, loss_type, gamma)
-    def ev(m):
-        out = evaluate_pairs(m, loss_fn, evs, col, cfg.batch_size) if evs is not None else {}
-        return {**out, **(eval_fn(m) if eval_fn is not None else {})}
-    has_eval = evs is not None or eval_fn is not None
-    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if has_eval else None)
+    # held-out pairs: the loop's own `evaluate` reports the loss and every metric, averaged over pairs
+    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_data=evs, eval_fn=eval_fn)
 
 # %% ../nbs/08_dpo.ipynb #20c01370
 @torch.no_grad()

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import eval_mode
 from .sft import IGNORE_INDEX
 from .train import TrainConfig, train, History
 from .reward import pair_metrics, pair_len
-from .dpo import concatenated_logps, token_logps, collate_dpo, evaluate_pairs, _examples
+from .dpo import concatenated_logps, token_logps, collate_dpo, pair_logps, preference_accuracy, _examples
 
 # %% auto #0
 __all__ = ['TRL_ORPO_METRICS', 'log1mexp', 'log_odds', 'orpo_loss', 'orpo_loss_fn', 'trl_orpo_trainer', 'train_orpo',
@@ -116,10 +115,7 @@ def train_orpo(model, tok, train_rows, # the model (LoRA applied or not), its to
     exs = _examples(train_rows, tok, max_len, verbose)
     evs = _examples(eval_rows, tok, max_len, False) if eval_rows is not None else None
     col, loss_fn = collate_dpo(tok), orpo_loss_fn(lam, nll_on)
-    def ev(m):
-        out = evaluate_pairs(m, loss_fn, evs, col, cfg.batch_size) if evs is not None else {}
-        return {**out, **(eval_fn(m) if eval_fn is not None else {})}
-    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_fn=ev if (evs is not None or eval_fn is not None) else None)
+    return train(model, loss_fn, exs, cfg, collate_fn=col, eval_data=evs, eval_fn=eval_fn)
 
 # %% ../nbs/09_orpo.ipynb #74524055
 def step_memory(model, loss_fn, batch:dict, # the policy, a `loss_fn(model, batch)`, one collated batch
@@ -144,11 +140,8 @@ def logp_preferences(model, tok, rows, # a causal LM, its tokenizer, preference 
     "Per pair, in row order: 1 if the chosen answer's mean log-probability per token is above the rejected one's, else 0."
     exs = _examples(rows, tok, max_len, False)
     order = sorted(range(len(exs)), key=lambda i: pair_len(exs[i]), reverse=True)   # least padding
-    col, dev, out = collate_dpo(tok), next(model.parameters()).device, [0] * len(exs)
-    with eval_mode(model):
-        for i in range(0, len(order), batch_size):
-            ids = order[i:i + batch_size]
-            b = col([exs[j] for j in ids])
-            lp = concatenated_logps(model, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}, average=True)
-            for j, c, r in zip(ids, lp['chosen'].tolist(), lp['rejected'].tolist()): out[j] = int(c > r)
+    # chapter 8's log-probabilities and its reference-free accuracy, pair by pair
+    logps = pair_logps(model, tok, [exs[i] for i in order], ref=None, batch_size=batch_size)
+    out = [0] * len(exs)
+    for j, c in zip(order, preference_accuracy(logps, per_pair=True)['logp_correct']): out[j] = c
     return out

@@ -75,17 +75,19 @@ def _to(batch, device): return {k: v.to(device) if torch.is_tensor(v) else v for
 # %% ../nbs/02b_train.ipynb #4e40deec
 @torch.no_grad()
 def evaluate(model, loss_fn, data, collate_fn, batch_size:int=8, device=None) -> dict:
-    "Mean of `loss_fn` over `data`, weighted by each batch's item count."
-    tot, n = 0.0, 0
+    "`eval_loss`, the mean of `loss_fn` over `data`, and `eval_<name>` for every other float metric it returns; all weighted by each batch's item count."
+    sums, n = {}, 0
     with eval_mode(model):
         for i in range(0, len(data), batch_size):
             b = collate_fn([data[j] for j in range(i, min(i + batch_size, len(data)))])
             c = count_items(b)
             if c == 0: continue
-            loss, _ = loss_fn(model, _to(b, device or next(model.parameters()).device))
-            tot += loss.float().item() * c
+            loss, metrics = loss_fn(model, _to(b, device or next(model.parameters()).device))
+            sums['loss'] = sums.get('loss', 0.0) + loss.float().item() * c
+            for k, v in metrics.items():   # a pair loss's accuracy and margin, for instance: means per item, like the loss
+                if k not in ('loss', 'n_items') and isinstance(v, (int, float)): sums[k] = sums.get(k, 0.0) + v * c
             n += c
-    return dict(eval_loss=tot / max(n, 1))
+    return {f'eval_{k}': v / max(n, 1) for k, v in sums.items()}
 
 # %% ../nbs/02b_train.ipynb #69a3ac13
 def _unwrap(model): return getattr(model, 'module', model)

@@ -10,7 +10,7 @@ from ftcourse.reward import pair_metrics
 from ftcourse.dpo import (sequence_logps, token_logps, concatenated_logps, model_logps, dpo_loss, collate_dpo,
                           precompute_ref_logps, frozen_copy, dpo_loss_fn, trl_trainer, trl_dpo_trainer, trl_paired_batch,
                           compare_with_trl, assert_matches_trl, TRL_DPO_METRICS, TRL_KTO_METRICS, train_dpo, preference_metrics,
-                          pair_logps, preference_accuracy, evaluate_pairs, ipo_loss, simpo_loss, kto_loss, kto_reference_point,
+                          pair_logps, preference_accuracy, ipo_loss, simpo_loss, kto_loss, kto_reference_point,
                           kto_examples, collate_kto, kto_loss_fn, train_kto)
 from ftcourse.train import evaluate
 
@@ -142,13 +142,16 @@ def test_one_pair_metrics_and_one_evaluation_loop(rows):
     m, tok = lora_policy()
     exs = preference_dataset(rows, tok, 128, verbose=False)[0]
     fn, col = dpo_loss_fn(0.1), collate_dpo(tok)
-    ours = evaluate_pairs(m, fn, exs, col, batch_size=3)
     loop = evaluate(m, fn, exs, col, batch_size=3)
-    assert abs(ours['loss'] - loop['eval_loss']) < 1e-6
+    # the loop's evaluate averages every metric over pairs, batch by batch: the same as one batch of all the pairs
+    with torch.no_grad(): loss, whole = fn(m.eval(), col(exs))
+    assert abs(loop['eval_loss'] - loss.item()) < 1e-5
+    assert all(abs(loop[f'eval_{k}'] - v) < 1e-5 for k, v in whole.items() if k not in ('loss', 'n_items'))
+    assert {'eval_accuracy', 'eval_margin', 'eval_chosen_reward'} <= set(loop)
     # per-pair results agree with the aggregate metrics
     pm = preference_metrics(m, tok, exs, per_pair=True)
     assert pm['accuracy'] == sum(pm['correct']) / len(exs) and pm['logp_accuracy'] == sum(pm['logp_correct']) / len(exs)
-    assert abs(pm['margin'] - ours['margin']) < 1e-5
+    assert abs(pm['margin'] - loop['eval_margin']) < 1e-5
 
 def test_family_losses_by_hand():
     z = torch.zeros(3)
