@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from .core import DEFAULT_MODEL, autocast, eval_mode
 from .evaluate import JudgeResult, judge_eval, compare, wilson_interval, paired_test
+from .orpo import logp_preferences
 from .config import FIXED, RunConfig, ConfigError, config_yaml
 from .runs import base_model, load_reward_run, load_run, read_csv
 
 # %% auto #0
-__all__ = ['TOUR_ORDER', 'answer_logps', 'preference_wins', 'evaluate_policy', 'tour_configs', 'tour', 'significance_rows',
-           'task_rows', 'write_report']
+__all__ = ['TOUR_ORDER', 'answer_logps', 'evaluate_policy', 'tour_configs', 'tour', 'significance_rows', 'task_rows',
+           'write_report']
 
 # %% ../nbs/10c_tour.ipynb #f055cd75
 @torch.no_grad()
@@ -38,13 +39,6 @@ def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one an
             ns.append(mask.sum(-1).cpu())
     return torch.cat(out), torch.cat(ns)
 
-def preference_wins(model, tok, pref_rows, max_len:int=128) -> list[int]:
-    "1 for each held-out pair whose chosen answer gets the higher mean log-probability per token under `model`, else 0."
-    text = lambda answer: answer if isinstance(answer, str) else answer[-1]['content']
-    chosen, n_chosen = answer_logps(model, tok, pref_rows, [text(r['chosen']) for r in pref_rows], max_len)
-    rejected, n_rejected = answer_logps(model, tok, pref_rows, [text(r['rejected']) for r in pref_rows], max_len)
-    return [int(w) for w in (chosen / n_chosen.clamp(min=1) > rejected / n_rejected.clamp(min=1)).tolist()]
-
 def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column
                     max_new_tokens:int=24, max_len:int=128,
                     kl_rows:int=48, # the KL estimate's questions: the first this many (two forwards per answer each)
@@ -53,7 +47,9 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     device = next(model.parameters()).device
     with autocast(device):
         judged = judge_eval(model, tok, sft_rows, max_new_tokens)
-        wins = preference_wins(model, tok, pref_rows, max_len)
+        wins = logp_preferences(model, tok, pref_rows, batch_size=16, max_len=max_len)   # chapter 9's, pair by pair
+        if len(wins) != len(pref_rows):   # a pair longer than max_len is dropped by the tokenizer step: say so, never skip it
+            raise ValueError(f"{len(pref_rows) - len(wins)} held-out pairs do not fit max_len={max_len}: raise the run's sequence_len")
         kl = 0.0
         if start is not None:     # a forward of policy and start over each answer: on a subset, as it costs most
             rows, answers = sft_rows[:kl_rows], judged.responses[:kl_rows]
@@ -71,14 +67,15 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     s, out = course_settings(device), Path(out)
     steps = dict(sft=2, reward=2, ppo=1, grpo=1, dpo=2, orpo=2) if quick else \
             dict(sft=s.steps, reward=s.steps, ppo=max(4, s.steps // 3), grpo=max(4, s.steps // 3), dpo=s.steps, orpo=s.steps)
-    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, grpo=3e-4, dpo=5e-4, orpo=5e-4)   # PPO's and GRPO's as in chapters 7, 7a
+    lrs = dict(sft=1e-3, reward=5e-4, ppo=5e-4, grpo=1e-3, dpo=5e-4, orpo=5e-4)   # PPO's and GRPO's as in chapters 7, 7a
     common = dict(model=model, seed=seed, batch_size=s.batch_size, sequence_len=s.max_len, lora_r=8, lora_alpha=16, adapter='lora')
     # the tour scores every policy itself after training, so no run evaluates while it trains
     own = {m: dict(eval_every=0, n_eval=8 if quick else s.n_eval) for m in TOUR_ORDER}
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
     # GRPO reads no held-out rows (n_eval is not its option): the tour scores it afterwards, as every policy
-    own['grpo'] = dict(eval_every=0, warmup_steps=0, grpo_tasks='parity,compare,max,count', grpo_max_new_tokens=s.max_new_tokens)
+    # chapter 7a's narrowed recipe: the max task (the SFT model right on some of a question's samples), at rate 1e-3
+    own['grpo'] = dict(eval_every=0, warmup_steps=0, grpo_tasks='max', grpo_max_new_tokens=s.max_new_tokens)
     cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
             for m in TOUR_ORDER}
     for m in TOUR_ORDER[1:]: cfgs[m].base_run = str(out/'sft')
