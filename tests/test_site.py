@@ -212,3 +212,24 @@ def test_screenshots(server, browser):
             browser.execute_script("const i = document.querySelector('#content img[src^=\"data:\"]'); if (i) i.scrollIntoView()")
         assert browser.save_screenshot(str(ARTIFACTS/name))
         assert (ARTIFACTS/name).stat().st_size > 10_000
+
+def test_every_linked_method_or_private_name_has_a_doc_entry():
+    "nbdev links a backticked `Class.method` or `_private` name in prose to its doc entry: that entry must exist (fast, no site)."
+    from ftcourse._modidx import d
+    root = Path(__file__).resolve().parent.parent
+    pages = {}
+    for nb in (root/'nbs').glob('*.ipynb'):
+        cells = json.loads(nb.read_text())['cells']
+        prose = ''.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+        code = ''.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
+        pages[re.sub(r'^\d+[a-z]*_', '', nb.stem) + '.html'] = (prose, code)
+    missing = []
+    for mod, entries in d['syms'].items():
+        for full, (loc, _) in entries.items():
+            name = full[len(mod) + 1:]
+            if not (name.startswith('_') or '.' in name): continue      # public functions and classes are documented by nbdev
+            linked = [p for p, (prose, _) in pages.items() if re.search(r'`' + re.escape(name) + r'(\(\))?`', prose)]
+            code = pages[loc.split('#')[0]][1]
+            if linked and f'show_doc({name})' not in code and f'show_doc({name},' not in code:
+                missing.append(f"{name} (linked from {', '.join(linked)})")
+    assert not missing, f"prose links to names with no show_doc on their page: {missing}"
