@@ -46,7 +46,7 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     "Per-row judge results and preference wins, answer length and KL to `start` of a policy, in the hardware's autocast."
     device = next(model.parameters()).device
     with autocast(device):
-        judged = judge_eval(model, tok, sft_rows, max_new_tokens)
+        judged = judge_eval(model, tok, sft_rows, max_new_tokens, batch_size=64)   # larger batches: generation costs less per answer
         wins = logp_preferences(model, tok, pref_rows, batch_size=16, max_len=max_len)   # chapter 9's, pair by pair
         if len(wins) != len(pref_rows):   # a pair longer than max_len is dropped by the tokenizer step: say so, never skip it
             raise ValueError(f"{len(pref_rows) - len(wins)} held-out pairs do not fit max_len={max_len}: raise the run's sequence_len")
@@ -74,8 +74,9 @@ def tour_configs(out:str|Path, model:str=DEFAULT_MODEL, quick:bool=False, seed:i
     own['ppo'] = dict({k: v for k, (v, _) in FIXED['ppo'].items()}, reward_model=str(out/'reward'),
                       ppo_max_new_tokens=s.max_new_tokens)
     # GRPO reads no held-out rows (n_eval is not its option): the tour scores it afterwards, as every policy
-    # chapter 7a's narrowed recipe: the max task (the SFT model right on some of a question's samples), at rate 1e-3
-    own['grpo'] = dict(eval_every=0, warmup_steps=0, grpo_tasks='max', grpo_max_new_tokens=s.max_new_tokens)
+    # chapter 7a's narrowed recipe: the max task (the SFT model right on some of a question's samples), at rate 1e-3,
+    # completions of at most 20 tokens (a max answer is a few)
+    own['grpo'] = dict(eval_every=0, warmup_steps=0, grpo_tasks='max', grpo_max_new_tokens=min(20, s.max_new_tokens))
     cfgs = {m: RunConfig(method=m, steps=steps[m], lr=lrs[m], output_dir=str(out/m), **common, **own[m])
             for m in TOUR_ORDER}
     for m in TOUR_ORDER[1:]: cfgs[m].base_run = str(out/'sft')
