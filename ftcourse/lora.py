@@ -396,18 +396,14 @@ def sft_model(settings=None, # default: `course_settings()`
               seed:int=0, verbose:bool=True):
     "(model, tok, history): chapter 3's SFT model with its adapters merged, trained on first use and cached under `cache_dir()/'sft'`."
     import json, os, time
-    from ftcourse.core import course_settings, load_model, cache_dir
+    from ftcourse.core import course_settings, load_model, cache_dir, file_lock
     from ftcourse.train import History
     s = settings or course_settings()
     folder = cache_dir()/'sft'/_sft_key(s, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(s.model, device=s.device)
     t0 = time.time()
-    with open(f"{folder}.lock", 'w') as lock:
-        try:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)   # a second process asking now waits here, then finds the files
-        except ImportError: pass               # no fcntl (Windows): one process at a time is the user's to ensure
+    with file_lock(f"{folder}.lock"):          # a second process asking now waits here, then finds the files
         if (folder/'history.json').exists():
             apply_lora(model, **SFT_LORA)
             load_adapters(model, folder/'adapters.safetensors')
