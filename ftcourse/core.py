@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #b08f62c2
 from __future__ import annotations
-import os, json, random, socket, shutil, importlib, importlib.util, time, tempfile
+import copy, os, json, random, socket, shutil, importlib, importlib.util, time, tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
@@ -17,9 +17,9 @@ import torch
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGUF_FILE', 'SMOLLM2_CONFIGS', 'CHATML_TEMPLATE',
-           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'eval_mode', 'get_device',
-           'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir', 'file_lock',
-           'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
+           'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'eval_mode', 'frozen_copy',
+           'get_device', 'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir',
+           'file_lock', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
            'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require',
            'tested_versions', 'check_versions']
 
@@ -40,6 +40,13 @@ def eval_mode(*models):
     try: yield models[0] if len(models) == 1 else models
     finally:
         for m, mode in zip(models, modes): m.train(mode)
+
+# %% ../nbs/00_core.ipynb #091573a9
+def frozen_copy(model:torch.nn.Module) -> torch.nn.Module:
+    "A deep copy of `model` in eval mode with no parameter requiring gradients: a reference model."
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters(): p.requires_grad_(False)
+    return ref
 
 # %% ../nbs/00_core.ipynb #7971eb70
 def get_device() -> torch.device:

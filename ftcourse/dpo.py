@@ -6,12 +6,12 @@ Docs: https://ftcourse.github.io/ftcourse/dpo.html.md"""
 
 # %% ../nbs/08_dpo.ipynb #f746bcdb
 from __future__ import annotations
-import copy, inspect
+import inspect
 from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import eval_mode, autocast
+from .core import eval_mode, autocast, frozen_copy
 from .sft import IGNORE_INDEX, preference_dataset, collate_preference, collate_sft
 from .train import TrainConfig, train, History, batch_indices
 from .lora import lora_layers, adapters_disabled
@@ -19,9 +19,9 @@ from .reward import pair_metrics
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
-           'model_logps', 'concatenated_logps', 'dpo_loss', 'collate_dpo', 'precompute_ref_logps', 'frozen_copy',
-           'reference_model', 'reference_logps', 'dpo_loss_fn', 'trl_trainer', 'trl_dpo_trainer', 'trl_paired_batch',
-           'trl_loss_metrics', 'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'train_dpo', 'pair_logps',
+           'model_logps', 'concatenated_logps', 'dpo_loss', 'collate_dpo', 'precompute_ref_logps', 'reference_model',
+           'reference_logps', 'dpo_loss_fn', 'trl_trainer', 'trl_dpo_trainer', 'trl_paired_batch', 'trl_loss_metrics',
+           'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'train_dpo', 'pair_logps',
            'preference_accuracy', 'preference_metrics', 'ipo_loss', 'simpo_loss', 'kto_reference_point', 'kto_loss',
            'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
 
@@ -130,12 +130,6 @@ def precompute_ref_logps(ref:nn.Module, # the reference model (e.g. the policy b
             out += [dict(e, ref_chosen_logps=c.item(), ref_rejected_logps=r.item())
                     for e, c, r in zip(chunk, lp['chosen'], lp['rejected'])]
     return out
-
-def frozen_copy(model:nn.Module) -> nn.Module:
-    "A deep copy of `model` in eval mode with no parameter requiring gradients: a reference model."
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters(): p.requires_grad_(False)
-    return ref
 
 # %% ../nbs/08_dpo.ipynb #f90641af
 @contextmanager

@@ -8,9 +8,9 @@ Docs: https://ftcourse.github.io/ftcourse/grpo.html.md"""
 from __future__ import annotations
 import math, tempfile, warnings
 from contextlib import nullcontext
-from copy import deepcopy
 from dataclasses import dataclass, field
 import torch
+from .core import frozen_copy
 from .evaluate import sample_responses
 from .lora import lora_layers, adapters_disabled
 from .ppo import masked_mean, forward_policy, judge_reward
@@ -235,7 +235,7 @@ def train_grpo(model, tok, prompt_rows, # the policy (LoRA applied or not), its 
     if not rows: raise ValueError("prompt_rows is empty")
     ref = None
     if cfg.beta != 0.0:
-        ref = ref_model if ref_model is not None else model if lora_layers(model) else deepcopy(model).requires_grad_(False).eval()
+        ref = ref_model if ref_model is not None else model if lora_layers(model) else frozen_copy(model)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_prompts, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, eval_every=eval_every,
                        mixed_precision=cfg.mixed_precision, seed=cfg.seed, shuffle=cfg.shuffle, progress=cfg.progress)

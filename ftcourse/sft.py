@@ -17,7 +17,7 @@ IGNORE_INDEX = -100
 __all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'response_ids', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences',
            'collate_sft', 'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference',
            'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'pack_examples', 'collate_packed', 'packed_sft_loss_fn',
-           'prompt_messages', 'generate_responses', 'judge_score']
+           'prompt_messages', 'generate_responses']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -235,13 +235,3 @@ def generate_responses(model, tok, conversations:list[list[dict]], max_new_token
             out += [tok.decode(s[x.shape[1]:], skip_special_tokens=True).strip() for s in g]
         return out
     finally: tok.padding_side = side
-
-def judge_score(model, tok, rows, # rows with `answer` and `task` (sft or preference)
-                max_new_tokens:int=24, batch_size:int=16) -> dict:
-    "Mean judge score of greedy answers to `rows`, per task too, with the responses."
-    rows = list(rows)
-    resp = generate_responses(model, tok, [prompt_messages(r) for r in rows], max_new_tokens, batch_size)
-    scores = [judge(r, a) for r, a in zip(rows, resp)]
-    tasks = sorted({r['task'] for r in rows})
-    per_task = {t: sum(s for s, r in zip(scores, rows) if r['task'] == t) / sum(r['task'] == t for r in rows) for t in tasks}
-    return dict(score=sum(scores) / len(scores), per_task=per_task, responses=resp, scores=scores)

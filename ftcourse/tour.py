@@ -26,17 +26,17 @@ def answer_logps(model, tok, rows, answers:list[str], # held-out rows and one an
                  max_len:int=512, batch_size:int=8) -> tuple[torch.Tensor, torch.Tensor]:
     "log π(answer | prompt) of each row's answer under `model` (sum over the answer's tokens), and the token counts."
     from ftcourse.sft import build_sft_example, collate_sft, prompt_messages
-    from ftcourse.dpo import token_logps
+    from ftcourse.dpo import model_logps
     exs = [build_sft_example(tok, prompt_messages(r) + [dict(role='assistant', content=a)], max_len)
            for r, a in zip(rows, answers)]
     col, dev, out, ns = collate_sft(tok), next(model.parameters()).device, [], []
     with eval_mode(model):
         for i in range(0, len(exs), batch_size):
             b = col([dict(input_ids=e['input_ids'], labels=e['labels']) for e in exs[i:i + batch_size]])
-            logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits
-            lp, mask = token_logps(logits, b['labels'].to(dev))
-            out.append(lp.float().sum(-1).cpu())
-            ns.append(mask.sum(-1).cpu())
+            # chapter 8's forward: logits over the answer span only, summed per row
+            lp, n = model_logps(model, *(b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')))
+            out.append(lp.float().cpu())
+            ns.append(n.cpu())
     return torch.cat(out), torch.cat(ns)
 
 def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting model, for the KL column

@@ -273,7 +273,8 @@ def test_prefix_bake_keeps_outputs_and_shapes():
 @pytest.mark.parametrize('method', ['dora', 'prompt', 'ptuning', 'prefix_mlp'])
 def test_trains_with_the_course_loop_and_judges(method):
     from ftcourse.train import TrainConfig, train
-    from ftcourse.sft import build_sft_example, judge_score
+    from ftcourse.sft import build_sft_example
+    from ftcourse.evaluate import judge_eval
     m, tok = tiny_model()
     model = _ours(method, m, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -285,5 +286,5 @@ def test_trains_with_the_course_loop_and_judges(method):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and changed <= trainable   # the frozen model is untouched (LoRA's A may still be at rest: B starts at 0)
     rows = [dict(messages=ms, task='add', answer=ms[1]['content']) for ms in msgs[:2]]
-    out = judge_score(model, tok, rows, max_new_tokens=3)
-    assert len(out['responses']) == 2 and 0 <= out['score'] <= 1
+    out = judge_eval(model, tok, rows, max_new_tokens=3, cache=False)
+    assert len(out.responses) == 2 and 0 <= out.score <= 1

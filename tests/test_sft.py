@@ -3,7 +3,7 @@ import copy
 import pytest, torch
 from ftcourse.core import tiny_model, load_model, load_course_dataset
 from ftcourse.sft import (build_sft_example, sft_dataset, collate_sft, sft_loss, sft_loss_fn, trl_sft_batch, IGNORE_INDEX,
-                          judge_score, pad_id, preference_dataset, preference_messages, collate_preference)
+                          generate_responses, prompt_messages, pad_id, preference_dataset, preference_messages, collate_preference)
 from ftcourse.data import DatasetFormatError
 
 @pytest.fixture(scope='module')
@@ -78,11 +78,12 @@ def test_same_labels_and_loss_as_trl(tiny, rows, which):
     assert torch.allclose(l_trl, l_ours, rtol=2e-5, atol=0)
     assert met['n_items'] == int((ours['labels'][:, 1:] != IGNORE_INDEX).sum())
 
-def test_judge_score_counts_and_restores_padding_side(tiny, rows):
+def test_generate_responses_answers_every_row_and_restores_padding_side(tiny, rows):
     m, tok = tiny
     side = tok.padding_side
-    r = judge_score(m, tok, rows.select(range(4)), max_new_tokens=4, batch_size=3)
-    assert len(r['responses']) == 4 and 0 <= r['score'] <= 1 and tok.padding_side == side
+    convs = [prompt_messages(r) for r in rows.select(range(4))]
+    out = generate_responses(m, tok, convs, max_new_tokens=4, batch_size=3)
+    assert len(out) == 4 and all(isinstance(a, str) for a in out) and tok.padding_side == side
 
 def test_preference_pairs_are_two_sft_examples_and_drop_whole(tiny):
     m, tok = tiny
