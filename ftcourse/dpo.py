@@ -16,6 +16,7 @@ from .sft import IGNORE_INDEX, preference_dataset, collate_preference, collate_s
 from .train import TrainConfig, train, History, batch_indices
 from .lora import lora_layers, adapters_disabled
 from .reward import pair_metrics
+from .evaluate import weights_digest, run_context, cached_result
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
@@ -305,19 +306,30 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
     return train(model, loss_fn, exs, cfg, collate_fn=col, eval_data=evs, eval_fn=eval_fn)
 
 # %% ../nbs/08_dpo.ipynb #20c01370
+def _batch_logps(model, batch:dict, digest:str|None) -> dict:
+    "`concatenated_logps` of one batch, read from the course cache when the same weights saw the same batch before."
+    if digest is None: return concatenated_logps(model, batch)
+    what = dict(weights=digest, **{k: batch[k].tolist() for k in ('input_ids', 'attention_mask', 'labels')},
+                **run_context(model))
+    compute = lambda: {k: v.float().cpu().tolist() for k, v in concatenated_logps(model, batch).items()}
+    return {k: torch.tensor(v) for k, v in cached_result('logps', what, compute).items()}
+
 @torch.no_grad()
 def pair_logps(model, tok, rows, # a model, its tokenizer, preference rows (or examples)
                ref='adapters', # 'adapters' (LoRA disabled), a reference model, 'precomputed' (in the examples), or None
-               batch_size:int=8, max_len:int=128) -> dict:
+               batch_size:int=8, max_len:int=128,
+               cache:bool=True, # reuse the model's log-probs of a batch computed before (same weights, batch, autocast)
+              ) -> dict:
     "Per pair, in order: log π of the chosen and rejected answers, their token counts, and (unless `ref` is None) the reference's."
     exs = _examples(rows, tok, max_len, False)
     if ref == 'adapters' and not lora_layers(model): raise ValueError("ref='adapters' needs LoRA layers; pass a reference model")
     col, dev, parts = collate_dpo(tok), next(model.parameters()).device, []
+    digest = weights_digest(model) if cache else None
     with eval_mode(model):
         for i in range(0, len(exs), batch_size):
             b = col(exs[i:i + batch_size])
             bt = {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}
-            lp = concatenated_logps(model, bt)
+            lp = _batch_logps(model, bt, digest)
             if ref == 'precomputed': lp['ref_chosen'], lp['ref_rejected'] = b['ref_chosen_logps'], b['ref_rejected_logps']
             elif ref is not None:
                 lp['ref_chosen'], lp['ref_rejected'] = reference_logps(model, bt, None if ref == 'adapters' else ref)

@@ -17,8 +17,8 @@ from .sft import chat_ids, pad_id, pad_sequences, prompt_messages, generate_resp
 from .generate import generate
 
 # %% auto #0
-__all__ = ['wilson_interval', 'paired_test', 'pass_at_k', 'weights_digest', 'JudgeResult', 'judge_eval', 'compare',
-           'compare_table', 'task_table', 'plot_scores', 'sample_responses', 'sampled_eval']
+__all__ = ['wilson_interval', 'paired_test', 'pass_at_k', 'weights_digest', 'run_context', 'cached_result', 'JudgeResult',
+           'judge_eval', 'compare', 'compare_table', 'task_table', 'plot_scores', 'sample_responses', 'sampled_eval']
 
 # %% ../nbs/02ab_evaluate.ipynb #16a51295
 def wilson_interval(successes:int, # number of successes (correct answers)
@@ -90,16 +90,11 @@ def weights_digest(model) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
-def _answers_path(digest:str, model, tok, conversations, max_new_tokens) -> Path:
-    "Where the greedy answers of the model with weights `digest` to one batch of `conversations` are cached."
+def run_context(model) -> dict:
+    "What besides the weights changes a model's outputs here: the device, the autocast in force, torch's version."
     device = next(model.parameters()).device.type
     autocast_dtype = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-    # one batch: its answers depend on the batch's own prompts (padded to its longest), not on the rows around it
-    what = dict(weights=digest, template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
-                conversations=conversations, max_new_tokens=max_new_tokens, device=device,
-                autocast=autocast_dtype, torch=torch.__version__)
-    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return cache_dir()/'answers'/f'{key}.json'
+    return dict(device=device, autocast=autocast_dtype, torch=torch.__version__)
 
 def _write_atomic(path:Path, text:str):
     "Write `text` to `path` through a temporary file and a rename, so a reader never sees half a file."
@@ -107,6 +102,19 @@ def _write_atomic(path:Path, text:str):
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
     tmp.write_text(text)
     os.replace(tmp, path)
+
+def cached_result(kind:str, # the cache's subfolder: 'answers', 'logps', ...
+                  what:dict, # everything the result depends on (JSON-able); its hash names the file
+                  compute, # `compute() -> JSON-able result`, called only when no process has stored it yet
+                 ):
+    "`compute()`'s result, stored once under `cache_dir()/kind`; a second process asking at the same time waits, then reads it."
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir()/kind/f'{key}.json'
+    with file_lock(f"{path}.lock"):
+        if path.exists(): return json.loads(path.read_text())
+        result = compute()
+        _write_atomic(path, json.dumps(result))
+        return result
 
 # %% ../nbs/02ab_evaluate.ipynb #df03cc7d
 @dataclass
@@ -160,13 +168,10 @@ def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split'
         if not cache:
             responses += generate_responses(model, tok, part, max_new_tokens, batch_size)
             continue
-        path = _answers_path(digest, model, tok, part, max_new_tokens)
-        with file_lock(f"{path}.lock"):   # a second process asking for this batch waits, then reads it
-            if path.exists(): responses += json.loads(path.read_text())
-            else:
-                got = generate_responses(model, tok, part, max_new_tokens, batch_size)
-                _write_atomic(path, json.dumps(got))
-                responses += got
+        # one batch: its answers depend on the batch's own prompts (padded to its longest), not on the rows around it
+        what = dict(weights=digest, template=tok.chat_template, vocab=len(tok), eos=tok.eos_token_id,
+                    conversations=part, max_new_tokens=max_new_tokens, **run_context(model))
+        responses += cached_result('answers', what, lambda: generate_responses(model, tok, part, max_new_tokens, batch_size))
     # the judge runs every time: it is cheap, and a changed judge must not be hidden by the cache
     return JudgeResult([int(judge(r, a)) for r, a in zip(rows, responses)], responses, [r['task'] for r in rows])
 

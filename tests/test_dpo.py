@@ -221,3 +221,22 @@ def test_family_trains(rows, loss_type):
     losses = [r['loss'] for r in h if 'loss' in r]
     assert losses[-1] < losses[0]
     if loss_type == 'ipo': assert abs(losses[0] - 25.0) < 1e-3        # (0 − 1/(2·0.1))² at the start
+
+def test_pair_logps_caches_by_weights_batch_and_autocast(monkeypatch, tmp_path, rows):
+    "A second pass of the same weights over the same batches reads the log-probs; any change computes them afresh."
+    import ftcourse.dpo as dpo
+    monkeypatch.setenv('FTCOURSE_CACHE', str(tmp_path))
+    model, tok = tiny_model()
+    first = pair_logps(model, tok, rows, ref=None, batch_size=3)
+    assert len(list((tmp_path/'logps').glob('*.json'))) == 3          # one file per batch: 3 + 3 + 2 pairs
+    assert torch.equal(first['chosen'], pair_logps(model, tok, rows, ref=None, batch_size=3, cache=False)['chosen'])
+    def no_forward(*a, **k): raise AssertionError('computed again')
+    monkeypatch.setattr(dpo, 'concatenated_logps', no_forward)
+    again = pair_logps(model, tok, rows, ref=None, batch_size=3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    for kw in (dict(batch_size=4), dict(cache=False)):
+        with pytest.raises(AssertionError, match='computed again'): pair_logps(model, tok, rows, ref=None, **dict(dict(batch_size=3), **kw))
+    with torch.autocast('cpu', dtype=torch.bfloat16), pytest.raises(AssertionError, match='computed again'):
+        pair_logps(model, tok, rows, ref=None, batch_size=3)
+    with torch.no_grad(): next(model.parameters()).view(-1)[0] += 1e-3    # one weight moved: another model
+    with pytest.raises(AssertionError, match='computed again'): pair_logps(model, tok, rows, ref=None, batch_size=3)
