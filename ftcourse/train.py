@@ -28,6 +28,7 @@ class TrainConfig:
     lr:float = 2e-4                      # peak learning rate
     warmup_steps:int = 3                 # linear warmup from 0, then cosine decay to 0
     weight_decay:float = 0.0             # AdamW's decoupled weight decay
+    adam_eps:float = 1e-8                # AdamW's epsilon (torch's default)
     betas:tuple = (0.9, 0.999)           # AdamW's betas
     max_grad_norm:float|None = 1.0       # clip the global gradient norm (None: no clipping)
     eval_every:int = 10                  # evaluate every this many steps (and at the start and the end)
@@ -262,7 +263,7 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         model = fsdp_shard(model, acc.device)
         if acc.native_amp: _autocast_forward(acc, model)
         params = [dict(model.named_parameters())[n] for n in chosen]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.steps))
     if not fsdp: model, opt = acc.prepare(model, opt)
     hist, start = History(), 0
