@@ -49,8 +49,8 @@ class RunOptions:
 
 @dataclass
 class LoopOptions:
-    "The training loop's options, named as chapter 2b's `TrainConfig` names them; PPO's own loop reads the first ones."
-    steps:int = _opt(30, "optimizer steps")
+    "The training loop's options, named as chapter 2b's `TrainConfig` names them (PPO's and GRPO's configs take them)."
+    steps:int = _opt(30, "optimizer steps (ppo: rollout-then-update iterations)")
     batch_size:int = _opt(4, "sequences (pairs for reward/dpo/orpo, prompts for ppo) per optimizer step, "
                              "across all processes")
     micro_batch_size:int|None = _opt(None, "sequences per forward/backward (gradient accumulation); "
@@ -65,7 +65,8 @@ class LoopOptions:
     strategy:str = _opt('ddp', "with several processes (torchrun): 'ddp' (a whole copy of the model in each) or 'fsdp' "
                                "(weights, gradients and AdamW state sharded across them, FSDP2)")
     eval_every:int = _opt(10, "evaluate on held-out rows every this many steps (0: never)")
-    save_every:int = _opt(0, "save a resumable checkpoint every this many steps (0: only the last step's)")
+    save_every:int = _opt(0, "save a resumable checkpoint every this many steps (ppo: iterations; "
+                             "0: only the last step's)")
     log_with:str|None = _opt(None, "Accelerate trackers to log to as well, comma-separated: tensorboard, wandb, ...")
 
 # %% ../nbs/10_config.ipynb #0ffba1c8
@@ -135,13 +136,10 @@ def method_options(method:str) -> list[str]:
 METHOD_ONLY = {f.name: tuple(m for m, gs in METHOD_OPTIONS.items() if g in gs)
                for g in dict.fromkeys(g for gs in METHOD_OPTIONS.values() for g in gs) for f in fields(g)}
 # values a method always runs with, and why: its default, and any other value is refused
-FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosine decay from the first iteration)"),
+FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosine decay from the first update)"),
                       weight_decay=(0.01, "train_ppo's AdamW uses torch's default weight decay, 0.01"),
                       eval_every=(0, "train_ppo does not evaluate on held-out rows"),
-                      log_with=(None, "train_ppo logs to the run folder's metrics.csv only"),
-                      save_every=(0, "train_ppo's loop writes no checkpoints"),
-                      resume=(False, "train_ppo's loop writes no checkpoints to resume from"),
-                      strategy=('ddp', "train_ppo is its own loop, not ftcourse.train, and does not shard the model")),
+                      strategy=('ddp', "train_ppo samples in its collate, on one process's whole model")),
              grpo=dict(weight_decay=(0.0, "train_grpo's AdamW has no weight decay"),
                        eval_every=(0, "the grpo command does not evaluate while it trains (the tour scores the policy)"),
                        log_with=(None, "train_grpo logs to the run folder's metrics.csv only"),

@@ -119,8 +119,13 @@ def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     pcfg = PPOConfig(iterations=cfg.steps, batch_size=cfg.batch_size,
                      mini_batch_size=cfg.micro_batch_size or max(1, cfg.batch_size // 2), ppo_epochs=cfg.ppo_epochs,
                      lr=cfg.lr, max_new_tokens=cfg.ppo_max_new_tokens, kl_coef=cfg.ppo_kl_coef,
-                     max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, mixed_precision=cfg.mixed_precision)
-    return model, train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
+                     max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
+                     out_dir=tcfg.out_dir, save_every=tcfg.save_every, keep_checkpoints=tcfg.keep_checkpoints,
+                     resume=tcfg.resume, log_with=tcfg.log_with)
+    result = train_ppo(model, tok, ppo_prompts(cfg, tok, train_rows), reward_fn, pcfg)
+    if tcfg.out_dir:          # the critic beside the policy's weights (one writer, as for the run's other files)
+        save_trainable(result.value_head, Path(tcfg.out_dir)/'value_head.safetensors', write=is_main_process())
+    return model, result.history
 
 def _fit_grpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.grpo import train_grpo, GRPOConfig
@@ -179,8 +184,6 @@ def run(cfg:RunConfig, device=None,
     # every process takes part (FSDP gathers the shards into whole tensors); the main one alone writes
     save_trainable(model, out/'trainable.safetensors', write=main)
     if main:                    # one writer: the other processes hold the same trained weights
-        if getattr(hist, 'value_head', None) is not None:   # PPO's critic
-            save_trainable(hist.value_head, out/'value_head.safetensors')
         write_csv(list(hist), out/'metrics.csv')
         (out/'summary.json').write_text(json.dumps(summary, indent=1))
         print(f"saved {cfg.method} run to {out}/ ({n_train:,} trainable parameters, {summary['seconds']} s)")

@@ -6,23 +6,23 @@ Docs: https://ftcourse.github.io/ftcourse/ppo.html.md"""
 
 # %% ../nbs/07_ppo.ipynb #50966bc3
 from __future__ import annotations
-import math, random, time
-from copy import deepcopy
+import math, os, random
 from dataclasses import dataclass, asdict
 import torch
 from torch import nn
-from .core import set_seed, autocast, eval_mode
+from .core import set_seed, autocast, eval_mode, frozen_copy
 from .data import judge
 from .generate import generate
 from .lora import lora_layers, adapters_disabled
 from .reward import score_responses
 from .sft import chat_ids, pad_sequences, pad_id, prompt_messages
-from .train import History, cosine_with_warmup, batch_indices
+from .train import History, TrainConfig, train, batch_indices
 
 # %% auto #0
-__all__ = ['masked_mean', 'masked_var', 'masked_whiten', 'response_mask', 'kl_penalized_rewards', 'last_index', 'gae',
-           'policy_loss', 'value_loss', 'entropy_from_logits', 'ValueHead', 'positions', 'forward_policy', 'PPOConfig',
-           'judge_reward', 'reward_model_reward', 'rollout', 'train_ppo']
+__all__ = ['ROLLOUT_METRICS', 'UPDATE_METRICS', 'masked_mean', 'masked_var', 'masked_whiten', 'response_mask',
+           'kl_penalized_rewards', 'last_index', 'gae', 'policy_loss', 'value_loss', 'entropy_from_logits', 'ValueHead',
+           'positions', 'forward_policy', 'PPOConfig', 'judge_reward', 'reward_model_reward', 'rollout',
+           'PolicyWithValueHead', 'RolloutBatches', 'ppo_loss_fn', 'iteration_history', 'PPOResult', 'train_ppo']
 
 # %% ../nbs/07_ppo.ipynb #9dbbad4f
 def masked_mean(x:torch.Tensor, mask:torch.Tensor, dim:int|None=None) -> torch.Tensor:
@@ -198,7 +198,12 @@ class PPOConfig:
     missing_eos_penalty:float|None = None  # subtracted from the score of a response that never stops
     mixed_precision:str = 'no'         # 'no' (fp32), 'bf16', 'fp16' or 'auto': autocast of rollouts, forwards and backwards
     seed:int = 0                       # prompts order, sampling, minibatch order
-    progress:bool = True               # print one line per iteration
+    progress:bool = True               # show the loop's progress bar
+    out_dir:str|None = None            # where the loop writes checkpoints and metrics.jsonl (None: nothing on disk)
+    save_every:int = 0                 # checkpoint every this many iterations (0: only at the end, if out_dir is set)
+    keep_checkpoints:int = 2           # how many checkpoints to keep
+    resume:bool = False                # continue from the latest checkpoint in out_dir
+    log_with:list|None = None          # Accelerate trackers to log to as well, e.g. ['tensorboard']
 
 # %% ../nbs/07_ppo.ipynb #ca86704f
 def judge_reward(rows:list[dict], responses:list[str]) -> torch.Tensor:
@@ -228,67 +233,155 @@ def rollout(model, tok, rows:list[dict], cfg:PPOConfig, generator:torch.Generato
     return dict(ids=ids, mask=torch.cat([pm, rmask], 1), response_mask=rmask, n_prompt=x.shape[1], texts=texts, ended=ended)
 
 # %% ../nbs/07_ppo.ipynb #b9e55b7e
+class PolicyWithValueHead(nn.Module):
+    "The policy and its value head as one module, which the loop trains and checkpoints; its forward: `forward_policy`."
+    def __init__(self, policy:nn.Module, value_head:ValueHead):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, ids, mask, n_prompt:int, temperature:float=1.0, entropy:bool=False) -> dict:
+        return forward_policy(self.policy, self.value_head, ids, mask, n_prompt, temperature, entropy)
+
+    def train(self, mode:bool=True):
+        # PPO keeps the policy in eval mode (no dropout), as trl does: a dropout mask would make the first minibatch's
+        # ratio differ from 1 before any update. So the loop's `model.train()` leaves it in eval mode.
+        return super().train(False)
+
+# %% ../nbs/07_ppo.ipynb #e171edd7
+class RolloutBatches:
+    "PPO's collate function for `ftcourse.train`: step `s` gets minibatch `s mod U` of iteration `s // U`'s rollout."
+    def __init__(self, model:PolicyWithValueHead, # the policy and its critic
+                 ref, ref_context, # the reference, and a function that returns the context it runs in
+                 tok, rows:list[dict], reward_fn, cfg:PPOConfig):
+        self.model, self.ref, self.ref_context, self.tok = model, ref, ref_context, tok
+        self.rows, self.reward_fn, self.cfg = rows, reward_fn, cfg
+        self.minibatches = cfg.batch_size // cfg.mini_batch_size
+        self.updates = cfg.ppo_epochs * self.minibatches           # U: the loop's steps per iteration
+        self.iteration, self.current, self.rollouts = None, None, []
+
+    @torch.no_grad()
+    def make_rollout(self, iteration:int) -> dict:
+        "The iteration's responses with their old log-probs and values, GAE returns, whitened advantages and metrics."
+        cfg, policy = self.cfg, self.model.policy
+        device = next(policy.parameters()).device
+        batch = [self.rows[i] for i in batch_indices(iteration, cfg.batch_size, len(self.rows), cfg.seed)]
+        # sampled from torch's global generator (no generator passed): the loop's checkpoints save its state, so a
+        # resumed run samples what the uninterrupted run samples
+        ro = rollout(policy, self.tok, batch, cfg)
+        ids, mask, rm, P = ro['ids'], ro['mask'], ro['response_mask'], ro['n_prompt']
+        with autocast(device, cfg.mixed_precision):
+            old = forward_policy(policy, self.model.value_head, ids, mask, P, cfg.temperature)
+            with self.ref_context():
+                ref_logprobs = forward_policy(self.ref, None, ids, mask, P, cfg.temperature)['logprobs']
+        scores = self.reward_fn(batch, ro['texts']).to(device).float()
+        if cfg.missing_eos_penalty is not None: scores = scores - cfg.missing_eos_penalty * (~ro['ended']).float()
+        rewards, kl = kl_penalized_rewards(scores, old['logprobs'] * rm, ref_logprobs * rm, rm, cfg.kl_coef)
+        if cfg.whiten_rewards: rewards = masked_whiten(rewards, rm, shift_mean=False) * rm
+        advantages, returns = gae(rewards, old['values'], rm, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, rm) * rm
+        self.rollouts.append(dict(step=iteration + 1, rows=batch, responses=ro['texts'], scores=scores.tolist()))
+        metrics = dict(reward=scores.mean().item(), kl=kl.sum(1).mean().item(),
+                       non_score_reward=(-cfg.kl_coef * kl).sum(1).mean().item(),
+                       response_len=rm.sum(1).float().mean().item(), ended=ro['ended'].float().mean().item())
+        return dict(ids=ids, mask=mask, response_mask=rm, old_logprobs=old['logprobs'], old_values=old['values'],
+                    advantages=advantages, returns=returns, n_prompt=P, metrics=metrics)
+
+    def __call__(self, examples:list[int]) -> dict:
+        "The minibatch of the loop's step `examples[0]` (the loop's data are the step numbers, one per step)."
+        step, = examples
+        iteration, update = divmod(step, self.updates)
+        if iteration != self.iteration:
+            if update:   # the old policy of an iteration begun before a checkpoint is gone: it cannot be sampled again
+                raise ValueError(f"step {step} is inside iteration {iteration + 1}: PPO resumes only from a checkpoint "
+                                 "at the end of an iteration")
+            self.current = self.make_rollout(iteration)
+            self.iteration = iteration
+        cfg, ro = self.cfg, self.current
+        epoch, k = divmod(update, self.minibatches)
+        # each epoch visits the rollout's responses in the order of a permutation seeded by the iteration and the epoch
+        seed = cfg.seed * 1000 + iteration * 10 + epoch
+        order = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(seed))
+        index = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size].to(ro['ids'].device)
+        minibatch = {key: value[index] for key, value in ro.items() if torch.is_tensor(value)}
+        # n_items=1: the loop multiplies the minibatch's loss (already a mean over its tokens) by 1, and logs it as is
+        return dict(minibatch, n_prompt=ro['n_prompt'], metrics=ro['metrics'], n_items=1)
+
+# %% ../nbs/07_ppo.ipynb #32b31788
+def ppo_loss_fn(cfg:PPOConfig):
+    "`loss_fn(model, batch) -> (loss, metrics)` for `ftcourse.train`: PPO's clipped losses on a minibatch."
+    def loss_fn(model, batch):
+        rm = batch['response_mask']
+        new = model(batch['ids'], batch['mask'], batch['n_prompt'], cfg.temperature, entropy=True)
+        pg_loss, pg_stats = policy_loss(new['logprobs'], batch['old_logprobs'], batch['advantages'], rm, cfg.clip_range)
+        vf_loss, vf_stats = value_loss(new['values'], batch['old_values'], batch['returns'], rm, cfg.clip_range_value)
+        entropy = masked_mean(new['entropy'], rm)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        metrics = dict(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), entropy=entropy.item(), **pg_stats, **vf_stats)
+        return loss, dict(metrics, **batch['metrics'])         # the rollout's metrics too, in every update's row
+    return loss_fn
+
+# %% ../nbs/07_ppo.ipynb #5a6ff0f6
+ROLLOUT_METRICS = ('reward', 'kl', 'non_score_reward', 'response_len', 'ended')
+UPDATE_METRICS = ('pg_loss', 'vf_loss', 'entropy', 'clipfrac', 'approx_kl', 'ratio', 'vf_clipfrac', 'grad_norm')
+
+def iteration_history(steps:History, # the loop's rows, one per update
+                      updates:int, # U: updates per iteration
+                     ) -> History:
+    "One row per iteration (`step`: its number): its rollout's metrics, its updates' means, its first update's ratio."
+    rows = [r for r in steps if 'loss' in r]
+    out = History()
+    for start in range(0, len(rows), updates):
+        chunk = rows[start:start + updates]
+        mean = lambda key: sum(r[key] for r in chunk) / len(chunk)
+        out.append(dict(step=start // updates + 1, **{k: chunk[0][k] for k in ROLLOUT_METRICS},
+                        **{k: mean(k) for k in UPDATE_METRICS}, first_ratio=chunk[0]['ratio'],
+                        first_approx_kl=chunk[0]['approx_kl'], lr=chunk[-1]['lr'],
+                        seconds=sum(r['seconds'] for r in chunk)))
+    return out
+
+@dataclass
+class PPOResult:
+    "What `train_ppo` returns."
+    history:History          # one row per iteration (its `step` is the iteration's number)
+    steps:History            # one row per update, as the loop logged them (metrics.jsonl)
+    rollouts:list            # per iteration sampled in this call: its rows, responses and scores
+    value_head:ValueHead     # the trained critic
+
 def train_ppo(policy, # a causal LM; with LoRA layers, the reference is the same model with adapters disabled
               tok, prompt_rows, # rows with a prompt (`prompt` or `messages`), and what `reward_fn` needs (e.g. `answer`)
               reward_fn, # `reward_fn(rows, responses:list[str]) -> (B,) tensor` of scores, e.g. `judge_reward`
               cfg:PPOConfig=None, # hyperparameters
               ref_model=None, # the frozen reference; None: adapters disabled (LoRA) or a frozen copy (full fine-tune)
               value_head:ValueHead|None=None, # the critic; None: a new zero-initialised `ValueHead`
-             ) -> History:
-    "RLHF with PPO: rollouts, KL-penalized rewards, GAE, and clipped policy and value updates. One history row per iteration."
-    cfg = cfg or PPOConfig(); set_seed(cfg.seed)
-    if cfg.batch_size % cfg.mini_batch_size: raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of mini_batch_size={cfg.mini_batch_size}")
-    rows, dev = list(prompt_rows), next(policy.parameters()).device
+             ) -> PPOResult:
+    "RLHF with PPO on `ftcourse.train`: rollouts, KL-penalized rewards, GAE, clipped updates of policy and value head."
+    cfg = cfg or PPOConfig()
+    if cfg.batch_size % cfg.mini_batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of mini_batch_size={cfg.mini_batch_size}")
+    if cfg.mixed_precision not in ('no', 'bf16', 'fp16', 'auto'):
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: use 'no', 'bf16', 'fp16' or 'auto'")
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise ValueError("train_ppo runs in one process (its advantages are whitened over the whole rollout): "
+                         "start it without torchrun or accelerate launch")
+    rows, device = list(prompt_rows), next(policy.parameters()).device
     if not rows: raise ValueError("prompt_rows is empty")
-    if ref_model is None and lora_layers(policy): ref, ref_ctx = policy, (lambda: adapters_disabled(policy))
+    if ref_model is None and lora_layers(policy): ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        ref = ref_model if ref_model is not None else deepcopy(policy).requires_grad_(False)
-        ref_ctx = lambda: torch.no_grad()
+        ref = ref_model if ref_model is not None else frozen_copy(policy)
+        ref_context = lambda: torch.no_grad()
     ref.eval()
-    vh = value_head or ValueHead(policy.config.get_text_config().hidden_size, device=dev)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(vh.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps)
-    total = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 0, total))
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    hist = History(); hist.value_head, hist.rollouts = vh, []
-    policy.eval()                                              # no dropout: the ratio is 1 before the first update
-    for it in range(cfg.iterations):
-        t0 = time.time()
-        batch = [rows[i] for i in batch_indices(it, cfg.batch_size, len(rows), cfg.seed)]
-        with torch.no_grad():
-            ro = rollout(policy, tok, batch, cfg, gen)
-            ids, mask, rm, P = ro['ids'], ro['mask'], ro['response_mask'], ro['n_prompt']
-            with autocast(dev, cfg.mixed_precision):
-                old = forward_policy(policy, vh, ids, mask, P, cfg.temperature)
-                with ref_ctx(): ref_lp = forward_policy(ref, None, ids, mask, P, cfg.temperature)['logprobs']
-            scores = reward_fn(batch, ro['texts']).to(dev).float()
-            if cfg.missing_eos_penalty is not None: scores = scores - cfg.missing_eos_penalty * (~ro['ended']).float()
-            rewards, kl = kl_penalized_rewards(scores, old['logprobs'] * rm, ref_lp * rm, rm, cfg.kl_coef)
-            if cfg.whiten_rewards: rewards = masked_whiten(rewards, rm, shift_mean=False) * rm
-            adv, ret = gae(rewards, old['values'], rm, cfg.gamma, cfg.lam)
-            adv = masked_whiten(adv, rm) * rm
-        stats = []
-        for ep in range(cfg.ppo_epochs):
-            perm = torch.randperm(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed * 1000 + it * 10 + ep))
-            for s in range(0, cfg.batch_size, cfg.mini_batch_size):
-                i = perm[s:s + cfg.mini_batch_size].to(dev)
-                with autocast(dev, cfg.mixed_precision):
-                    new = forward_policy(policy, vh, ids[i], mask[i], P, cfg.temperature, entropy=True)
-                pl, ps = policy_loss(new['logprobs'], old['logprobs'][i], adv[i], rm[i], cfg.clip_range)
-                vl, vs = value_loss(new['values'], old['values'][i], ret[i], rm[i], cfg.clip_range_value)
-                ent = masked_mean(new['entropy'], rm[i])
-                loss = pl + cfg.vf_coef * vl - cfg.ent_coef * ent
-                loss.backward()
-                if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-                stats.append(dict(pg_loss=pl.item(), vf_loss=vl.item(), entropy=ent.item(), **ps, **vs))
-        mean = lambda k: sum(s[k] for s in stats) / len(stats)
-        row = dict(step=it + 1, reward=scores.mean().item(), kl=kl.sum(1).mean().item(),
-                   non_score_reward=(-cfg.kl_coef * kl).sum(1).mean().item(), response_len=rm.sum(1).float().mean().item(),
-                   ended=ro['ended'].float().mean().item(), **{k: mean(k) for k in stats[0]},
-                   first_ratio=stats[0]['ratio'], first_approx_kl=stats[0]['approx_kl'], lr=sched.get_last_lr()[0], seconds=time.time() - t0)
-        hist.append(row); hist.rollouts.append(dict(step=it + 1, rows=batch, responses=ro['texts'], scores=scores.tolist()))
-        if cfg.progress: print(f"iteration {it + 1}/{cfg.iterations}: reward {row['reward']:.3f}  kl {row['kl']:.3f}  "
-                               f"length {row['response_len']:.1f}  pg {row['pg_loss']:.3f}  vf {row['vf_loss']:.3f}  {row['seconds']:.1f}s")
-    return hist
+    if value_head is None: value_head = ValueHead(policy.config.get_text_config().hidden_size, device=device)
+    model = PolicyWithValueHead(policy, value_head)
+    batches = RolloutBatches(model, ref, ref_context, tok, rows, reward_fn, cfg)
+    loop = TrainConfig(steps=cfg.iterations * batches.updates,
+                       batch_size=1, shuffle=False,    # the data are the step numbers: step s draws s
+                       lr=cfg.lr, adam_eps=cfg.adam_eps, warmup_steps=0,
+                       weight_decay=0.01,              # torch's AdamW default, which PPO has always run with
+                       max_grad_norm=cfg.max_grad_norm, eval_every=0,
+                       # checkpoints at iterations' ends only: the step after one makes a new rollout
+                       save_every=cfg.save_every * batches.updates, keep_checkpoints=cfg.keep_checkpoints,
+                       out_dir=cfg.out_dir, resume=cfg.resume, log_with=cfg.log_with,
+                       mixed_precision=cfg.mixed_precision, seed=cfg.seed, progress=cfg.progress)
+    steps = train(model, ppo_loss_fn(cfg), range(loop.steps), loop, collate_fn=batches)
+    return PPOResult(iteration_history(steps, batches.updates), steps, batches.rollouts, value_head)

@@ -1,13 +1,15 @@
 """PPO pieces against hand-computed cases and plain reference loops on random inputs, and the behaviours the specification
 (PPO paper, "The N Implementation Details of RLHF with PPO", trl's last PPOTrainer) requires: KL = 0 and ratio = 1 at the
-first minibatch, padding after EOS inert, the reference = the base model."""
-import copy, math
+first minibatch, padding after EOS inert, the reference = the base model; train_ppo on ftcourse.train equals a plain PPO
+loop of those pieces, and resumes from its checkpoints to the uninterrupted result."""
+import copy, math, shutil
 import pytest, torch
 from ftcourse.core import tiny_model, load_course_dataset
 from ftcourse.lora import apply_lora, lora_layers, adapters_disabled
 from ftcourse.ppo import (masked_mean, masked_var, masked_whiten, response_mask, kl_penalized_rewards, gae, policy_loss, value_loss,
                           entropy_from_logits, ValueHead, forward_policy, PPOConfig, judge_reward,
-                          reward_model_reward, rollout, train_ppo)
+                          reward_model_reward, rollout, train_ppo, iteration_history)
+from ftcourse.train import batch_indices, cosine_with_warmup
 
 def rand(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
@@ -186,20 +188,28 @@ def run():
     return model, tok, rows, train_ppo(model, tok, rows, reward, cfg)
 
 def test_train_ppo_kl_zero_ratio_one_then_moves(run):
-    model, tok, rows, h = run
+    model, tok, rows, result = run
+    h = result.history
     # KL exactly 0: the same weights on the same batch for policy and reference, and B = 0 adds an exact 0
     assert len(h) == 3 and h[0]['kl'] == 0.0
     # the first minibatch recomputes the rollout's log-probs on a sub-batch (other matmul shapes): 1 to float rounding
     assert all(abs(r['first_ratio'] - 1.0) < 1e-6 and r['first_approx_kl'] < 1e-12 for r in h)
     assert h[-1]['kl'] != 0.0 and any(r['ratio'] != 1.0 for r in h)
     assert {'reward', 'kl', 'response_len', 'pg_loss', 'vf_loss', 'entropy', 'clipfrac', 'approx_kl', 'seconds'} <= set(h[0])
-    assert len(h.rollouts) == 3 and len(h.rollouts[0]['responses']) == 4
+    assert len(result.rollouts) == 3 and len(result.rollouts[0]['responses']) == 4
+    # the loop's rows: one per update (2 epochs x 2 minibatches), each with the rollout's metrics
+    assert len(result.steps) == 3 * 4 and [r['step'] for r in result.steps] == list(range(1, 13))
+    assert [r['kl'] for r in result.steps[::4]] == [r['kl'] for r in h]
+    assert h[1]['pg_loss'] == sum(r['pg_loss'] for r in result.steps[4:8]) / 4
+    assert result.value_head.v.weight.abs().sum() > 0                               # the critic learned
+    assert not model.training                                                         # PPO runs without dropout
     assert all(l.adapters_enabled for l in lora_layers(model).values())              # adapters back on
 
 def test_full_finetune_uses_frozen_copy_and_bad_config():
     model, tok = tiny_model()
     rows = list(load_course_dataset('sft', 'train').select(range(4)))
-    h = train_ppo(model, tok, rows, judge_reward, PPOConfig(iterations=1, batch_size=2, mini_batch_size=1, max_new_tokens=3, progress=False))
+    h = train_ppo(model, tok, rows, judge_reward, PPOConfig(iterations=1, batch_size=2, mini_batch_size=1, max_new_tokens=3,
+                                                            progress=False)).history
     # a frozen copy holds the same weights in other memory, and the kernels' rounding may depend on the thread count and
     # on memory layout: equal to float rounding, not bit for bit
     assert abs(h[0]['kl']) < 1e-5
@@ -227,9 +237,102 @@ def test_train_ppo_under_bf16_autocast_and_bad_precision():
     model, tok = tiny_model(); apply_lora(model, r=4, alpha=8, target_modules='all-linear')
     rows = list(load_course_dataset('sft', 'train').select(range(4)))
     cfg = PPOConfig(iterations=2, batch_size=4, mini_batch_size=2, max_new_tokens=4, lr=1e-2, mixed_precision='bf16', progress=False)
-    h = train_ppo(model, tok, rows, lambda rows, responses: torch.tensor([len(a) / 10 for a in responses]), cfg)
+    h = train_ppo(model, tok, rows, lambda rows, responses: torch.tensor([len(a) / 10 for a in responses]), cfg).history
     assert h[0]['kl'] == 0.0                                   # the adapters add an exact 0, in bf16 too
     assert all(math.isfinite(r['pg_loss']) and math.isfinite(r['vf_loss']) for r in h)
     assert all(p.dtype == torch.float32 for p in model.parameters())   # autocast: the weights stay fp32
     with pytest.raises(ValueError, match='precision'):
         train_ppo(model, tok, rows, judge_reward, PPOConfig(iterations=1, batch_size=2, mini_batch_size=1, mixed_precision='fp8'))
+
+def plain_ppo(policy, tok, rows, reward_fn, cfg:PPOConfig) -> tuple[list, ValueHead]:
+    "The PPO loop written out with the chapter's pieces and a plain AdamW: one row per iteration (LoRA policies only)."
+    value_head = ValueHead(policy.config.get_text_config().hidden_size)
+    torch.manual_seed(cfg.seed)                     # sampling draws from torch's global generator, as in train_ppo
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.01)
+    updates = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    total = cfg.iterations * updates
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, 0, total))
+    policy.eval()
+    history = []
+    for iteration in range(cfg.iterations):
+        batch = [rows[i] for i in batch_indices(iteration, cfg.batch_size, len(rows), cfg.seed)]
+        with torch.no_grad():
+            ro = rollout(policy, tok, batch, cfg)
+            ids, mask, rm, P = ro['ids'], ro['mask'], ro['response_mask'], ro['n_prompt']
+            old = forward_policy(policy, value_head, ids, mask, P, cfg.temperature)
+            with adapters_disabled(policy): ref_logprobs = forward_policy(policy, None, ids, mask, P, cfg.temperature)['logprobs']
+            scores = reward_fn(batch, ro['texts']).float()
+            rewards, kl = kl_penalized_rewards(scores, old['logprobs'] * rm, ref_logprobs * rm, rm, cfg.kl_coef)
+            advantages, returns = gae(rewards, old['values'], rm, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, rm) * rm
+        stats = []
+        for epoch in range(cfg.ppo_epochs):
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + iteration * 10 + epoch)
+            order = torch.randperm(cfg.batch_size, generator=generator)
+            for start in range(0, cfg.batch_size, cfg.mini_batch_size):
+                i = order[start:start + cfg.mini_batch_size]
+                new = forward_policy(policy, value_head, ids[i], mask[i], P, cfg.temperature, entropy=True)
+                pg_loss, pg_stats = policy_loss(new['logprobs'], old['logprobs'][i], advantages[i], rm[i], cfg.clip_range)
+                vf_loss, vf_stats = value_loss(new['values'], old['values'][i], returns[i], rm[i], cfg.clip_range_value)
+                (pg_loss + cfg.vf_coef * vf_loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats.append(dict(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), **pg_stats, **vf_stats))
+        row = dict(reward=scores.mean().item(), kl=kl.sum(1).mean().item())
+        history.append(dict(row, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}))
+    return history, value_head
+
+def test_train_ppo_on_the_loop_equals_a_plain_ppo_loop():
+    "One loop step per minibatch update, a rollout at each iteration's first step: the same numbers as the loop written out."
+    rows = list(load_course_dataset('sft', 'train').select(range(12)))
+    reward = lambda rows, responses: torch.tensor([len(a) / 10 for a in responses])
+    cfg = PPOConfig(iterations=3, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-2, progress=False)
+    models = []
+    for _ in range(2):
+        model, tok = tiny_model()
+        apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+        models.append(model)
+    want, want_head = plain_ppo(models[0], tok, rows, reward, cfg)
+    result = train_ppo(models[1], tok, rows, reward, cfg)
+    # the same operations on the same tensors in one process: equal bit for bit, whatever the thread count
+    assert [{k: r[k] for k in w} for r, w in zip(result.history, want)] == want and len(result.history) == len(want)
+    assert want[-1]['kl'] != 0.0
+    trained = lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, trained(models[0])[n]) for n, p in trained(models[1]).items())
+    assert torch.equal(result.value_head.v.weight, want_head.v.weight)
+
+def test_train_ppo_resumes_from_an_iterations_checkpoint(tmp_path):
+    "save_every counts iterations; a run resumed from a checkpoint ends with the uninterrupted run's metrics and weights."
+    rows = list(load_course_dataset('sft', 'train').select(range(12)))
+    reward = lambda rows, responses: torch.tensor([len(a) / 10 for a in responses])
+    def run(out, resume=False):
+        model, tok = tiny_model()
+        apply_lora(model, r=4, alpha=8, target_modules='all-linear')
+        cfg = PPOConfig(iterations=3, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-2,
+                        progress=False, out_dir=str(out), save_every=1, keep_checkpoints=5, resume=resume)
+        return model, train_ppo(model, tok, rows, reward, cfg)
+    whole_model, whole = run(tmp_path/'whole')
+    # one checkpoint per iteration, each at its last update (4 updates an iteration)
+    assert sorted(p.name for p in (tmp_path/'whole').glob('checkpoint-*')) == [f'checkpoint-{s:06d}' for s in (4, 8, 12)]
+    (tmp_path/'cut').mkdir()                           # as if stopped after the first iteration's checkpoint
+    shutil.copytree(tmp_path/'whole'/'checkpoint-000004', tmp_path/'cut'/'checkpoint-000004')
+    model, resumed = run(tmp_path/'cut', resume=True)
+    assert len(resumed.rollouts) == 2                  # it sampled iterations 2 and 3 only
+    without_time = lambda rows: [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+    assert without_time(resumed.steps) == without_time(whole.steps)
+    assert without_time(resumed.history) == without_time(whole.history)
+    trained = lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, trained(whole_model)[n]) for n, p in trained(model).items())
+    assert torch.equal(resumed.value_head.v.weight, whole.value_head.v.weight)
+
+def test_iteration_history_sums_up_each_iterations_updates():
+    steps = [dict(step=s + 1, loss=0.0, lr=0.1 * s, seconds=1.0, grad_norm=float(s), reward=float(s // 2), kl=0.0,
+                  non_score_reward=0.0, response_len=3.0, ended=1.0, pg_loss=float(s), vf_loss=0.0, entropy=1.0,
+                  clipfrac=0.0, approx_kl=0.0, ratio=1.0 + s, vf_clipfrac=0.0) for s in range(4)]
+    rows = iteration_history(steps, updates=2)
+    assert [r['step'] for r in rows] == [1, 2] and [r['reward'] for r in rows] == [0.0, 1.0]
+    assert [r['pg_loss'] for r in rows] == [0.5, 2.5] and [r['first_ratio'] for r in rows] == [1.0, 3.0]
+    assert [r['lr'] for r in rows] == [0.1, 0.30000000000000004] and [r['seconds'] for r in rows] == [2.0, 2.0]

@@ -11,8 +11,7 @@ TINY = dict(model='tiny', n_eval=8, batch_size=4, lr=1e-3)
 PPO_TINY = dict(method='ppo', model='tiny', batch_size=4, lr=1e-3)   # PPO holds no rows out: no n_eval
 
 @pytest.mark.parametrize('option, value', [('warmup_steps', 5), ('weight_decay', 0.1), ('eval_every', 5),
-                                           ('log_with', 'tensorboard'), ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16),
-                                           ('strategy', 'fsdp')])
+                                           ('eval_dataset', 'held_out.jsonl'), ('n_eval', 16), ('strategy', 'fsdp')])
 def test_ppo_refuses_each_option_it_would_ignore(option, value):
     with pytest.raises(ConfigError, match=rf"{option}=.* ppo"): load_config(overrides=dict(method='ppo', **{option: value}))
 
@@ -36,15 +35,26 @@ def test_every_option_is_read_by_every_method_or_listed():
     unread = [f.name for f in fields(RunConfig) if f'cfg.{f.name}' not in source and f.name not in set(METHOD_ONLY) | loop]
     assert set(unread) <= {'method', 'output_dir', 'overwrite', 'seed'}, unread   # these four run() and the folder use
 
-def test_ppo_fixed_values_are_what_train_ppo_runs_with():
-    "The values a ppo run is pinned to are the ones chapter 7's train_ppo uses: AdamW's default decay, no warmup."
-    from ftcourse.ppo import train_ppo
+def test_ppo_fixed_values_are_what_train_ppo_runs_with(tmp_path, monkeypatch):
+    """The values a ppo run is pinned to are the ones chapter 7's train_ppo gives the loop (AdamW's default decay, no
+    warmup); the run's folder, save_every (counted in iterations) and log_with reach the loop."""
+    from ftcourse import ppo
+    from ftcourse.train import History
     assert inspect.signature(torch.optim.AdamW).parameters['weight_decay'].default == FIXED['ppo']['weight_decay'][0]
-    src = inspect.getsource(train_ppo)
-    assert 'weight_decay' not in src and 'cosine_with_warmup(s, 0, total)' in src
     cfg = load_config(overrides=dict(method='ppo'))
     assert (cfg.warmup_steps, cfg.weight_decay, cfg.eval_every, cfg.log_with, cfg.strategy) == (0, 0.01, 0, None, 'ddp')
     with pytest.raises(ConfigError, match='ppo does not support'): run(RunConfig(method='ppo', model='tiny'))   # built directly
+    seen = {}
+    def train(model, loss_fn, data, loop, collate_fn): seen['loop'] = loop; return History()
+    monkeypatch.setattr(ppo, 'train', train)
+    flags = dict(PPO_TINY, steps=3, ppo_epochs=2, save_every=2, log_with='tensorboard', output_dir=str(tmp_path/'p'))
+    with contextlib.redirect_stdout(io.StringIO()): run(load_config(overrides=flags), device='cpu')
+    loop = seen['loop']
+    updates = 2 * 2                                    # ppo_epochs x batch_size / micro_batch_size (half the batch)
+    assert (loop.warmup_steps, loop.weight_decay, loop.eval_every) == (0, FIXED['ppo']['weight_decay'][0], 0)
+    assert (loop.steps, loop.save_every, loop.log_with) == (3 * updates, 2 * updates, ['tensorboard'])
+    assert loop.out_dir == str(tmp_path/'p') and not loop.resume
+    assert (tmp_path/'p'/'value_head.safetensors').exists()
 
 def test_fsdp_is_refused_exactly_by_the_methods_that_do_not_train_through_the_loop():
     "FSDP is chapter 2b's `train(strategy='fsdp')`: a method whose trainer calls `train` takes it, the others refuse it."
@@ -53,16 +63,17 @@ def test_fsdp_is_refused_exactly_by_the_methods_that_do_not_train_through_the_lo
     trainers = dict(sft=methods.train_sft, reward=reward.train_reward, ppo=ppo.train_ppo, grpo=grpo.train_grpo,
                     dpo=dpo.train_dpo, orpo=orpo.train_orpo)
     assert set(trainers) == set(METHODS)
-    # GRPO trains through the loop but generates inside it (its collate samples): under FSDP every process must join
-    # every forward, and sampled answers end at different lengths on each, so it refuses FSDP with that reason
-    samples_in_loop = {'grpo'}
+    # GRPO and PPO train through the loop but generate inside it (their collates sample): under FSDP every process must
+    # join every forward, and sampled answers end at different lengths on each, so they refuse FSDP with that reason
+    samples_in_loop = {'grpo', 'ppo'}
     for method, trainer in trainers.items():
         src = inspect.getsource(trainer)
         uses_loop = re.search(r'(?<![\w.])train\(', src) is not None
         takes_fsdp = uses_loop and method not in samples_in_loop
         assert takes_fsdp == ('strategy' not in FIXED.get(method, {})), method
         if takes_fsdp: assert load_config(overrides=dict(method=method, strategy='fsdp')).strategy == 'fsdp'
-    assert re.search(r'(?<![\w.])train\(', inspect.getsource(grpo.train_grpo))   # it does use the loop
+    for trainer in (grpo.train_grpo, ppo.train_ppo):   # they do use the loop
+        assert re.search(r'(?<![\w.])train\(', inspect.getsource(trainer))
 
 def test_bad_strategies_stop_the_command_with_one_line(tmp_path, capsys):
     "A strategy that is not ddp/fsdp, and fsdp in a lone process, are one line and exit status 2, before any loading."
