@@ -1,5 +1,5 @@
 "`--save-every` and `--resume`: a run killed with SIGKILL and resumed ends where the uninterrupted run ends."
-import contextlib, io, os, signal, subprocess, sys, time
+import contextlib, io, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
@@ -50,6 +50,39 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert without_time(a) == without_time(b)                             # every loss, lr, norm and evaluation
     wa, wb = load_file(tmp_path/'whole'/'trainable.safetensors'), load_file(tmp_path/'killed'/'trainable.safetensors')
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+def ppo_command(out, reward_run, *extra):
+    "A tiny PPO run against a tiny reward model: 12 iterations of 4 updates (2 epochs x 2 minibatches), saved every 3."
+    return [sys.executable, '-m', 'ftcourse.cli', 'ppo', '--model', 'tiny', '--reward-model', str(reward_run),
+            '--batch-size', '4', '--steps', '12', '--save-every', '3', '--lr', '1e-3', '--ppo-max-new-tokens', '6',
+            '--mixed-precision', 'no', '--output-dir', str(out), *extra]
+
+def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """PPO's checkpoints, at the end of every third iteration, hold the policy's adapters, the value head, AdamW's state and
+    the random state that sampling draws from: a run killed after one resumes to the uninterrupted run's metrics and weights."""
+    # a reward model that scores responses differently, so that the advantages are not all 0 and the policy moves
+    rc, out, err = cli('reward', '--model', 'tiny', '--n-eval', '8', '--eval-every', '0', '--steps', '2',
+                       '--mixed-precision', 'no', '--output-dir', tmp_path/'reward')
+    assert rc == 0, err
+    whole = start(ppo_command(tmp_path/'whole', tmp_path/'reward'), tmp_path/'whole.log')
+    killed = start(ppo_command(tmp_path/'killed', tmp_path/'reward'), tmp_path/'killed.log')
+    at = kill_after_checkpoint(killed, tmp_path/'killed', 12)      # step 12: the end of iteration 3
+    assert killed.returncode == -signal.SIGKILL and at < 48 and at % 12 == 0
+    assert not (tmp_path/'killed'/'trainable.safetensors').exists()
+    assert not (tmp_path/'killed'/'value_head.safetensors').exists()
+    resumed = subprocess.run(ppo_command(tmp_path/'killed', tmp_path/'reward', '--resume'), env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
+    assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
+    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
+    assert [r['step'] for r in a] == list(range(1, 13)) and a[-1]['kl'] != 0.0        # one row per iteration; it moved
+    assert without_time(a) == without_time(b)
+    steps = lambda run: [json.loads(line) for line in (tmp_path/run/'metrics.jsonl').read_text().splitlines()]
+    assert len(steps('whole')) == 48 and without_time(steps('whole')) == without_time(steps('killed'))
+    for name in ('trainable.safetensors', 'value_head.safetensors'):
+        wa, wb = load_file(tmp_path/'whole'/name), load_file(tmp_path/'killed'/name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 def cli(*argv):
     o, e = io.StringIO(), io.StringIO()
