@@ -20,11 +20,11 @@ from .evaluate import weights_digest, run_context, cached_result
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
-           'model_logps', 'concatenated_logps', 'dpo_loss', 'collate_dpo', 'precompute_ref_logps', 'reference_model',
-           'reference_logps', 'dpo_loss_fn', 'trl_trainer', 'trl_dpo_trainer', 'trl_paired_batch', 'trl_loss_metrics',
-           'compare_metrics', 'compare_with_trl', 'assert_matches_trl', 'train_dpo', 'pair_logps',
-           'preference_accuracy', 'preference_metrics', 'ipo_loss', 'simpo_loss', 'kto_reference_point', 'kto_loss',
-           'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
+           'model_logps', 'concatenated_logps', 'shared_prefix_batch', 'shared_prefix_logps', 'dpo_loss', 'collate_dpo',
+           'precompute_ref_logps', 'reference_model', 'reference_logps', 'dpo_loss_fn', 'trl_trainer',
+           'trl_dpo_trainer', 'trl_paired_batch', 'trl_loss_metrics', 'compare_metrics', 'compare_with_trl',
+           'assert_matches_trl', 'train_dpo', 'pair_logps', 'preference_accuracy', 'preference_metrics', 'ipo_loss',
+           'simpo_loss', 'kto_reference_point', 'kto_loss', 'kto_examples', 'collate_kto', 'kto_loss_fn', 'train_kto']
 
 # %% ../nbs/08_dpo.ipynb #cbe0035b
 def aligned_logps(logits:torch.Tensor, # (N, T, V), position t scores target t (already shifted)
@@ -81,13 +81,80 @@ def model_logps(model, input_ids:torch.Tensor, # (N, T)
 def concatenated_logps(model, batch:dict, # `input_ids`, `attention_mask`, `labels` of shape (2B, T), chosen rows first
                        average:bool=False, # length-normalise (mean per answer token) instead of summing
                        keep_span:bool=True, # compute logits only over the answer span (`logits_to_keep`)
+                       shared_prefix:bool=False, # each prompt once (`shared_prefix_logps`, below), for a transformers model
                       ) -> dict:
     "One forward over chosen and rejected: `chosen`/`rejected` log-probs (B,), and answer-token counts."
+    if shared_prefix and _takes_logits_to_keep(model): return shared_prefix_logps(model, batch, average)
     logps, n = model_logps(model, batch['input_ids'], batch['attention_mask'], batch['labels'], keep_span)
     if average: logps = logps / n.clamp(min=1)
     chosen, rejected = logps.chunk(2)
     n_chosen, n_rejected = n.chunk(2)
     return dict(chosen=chosen, rejected=rejected, n_chosen=n_chosen, n_rejected=n_rejected)
+
+# %% ../nbs/08_dpo.ipynb #241ed08f
+def shared_prefix_batch(batch:dict, # a `collate_dpo` batch: `input_ids`, `attention_mask`, `labels`, (2B, T), chosen rows first
+                       ) -> dict:
+    "Each pair as one row: the shared prompt once, then the chosen answer, then the rejected one, with a 4D mask and positions."
+    ids, am, labels = batch['input_ids'], batch['attention_mask'], batch['labels']
+    B = ids.shape[0] // 2
+    rows, positions, targets = [], [], []
+    for b in range(B):
+        chosen, rejected = ids[b, am[b].bool()].tolist(), ids[B + b, am[B + b].bool()].tolist()
+        lab_c, lab_r = labels[b, am[b].bool()].tolist(), labels[B + b, am[B + b].bool()].tolist()
+        # the shared prefix: the tokens both rows begin with, up to the first answer token (labels start there)
+        answer_starts = [next((i for i, l in enumerate(lab) if l != IGNORE_INDEX), None) for lab in (lab_c, lab_r)]
+        if None in answer_starts: raise ValueError(f"pair {b} has an answer without tokens: every label is -100")
+        first = min(answer_starts)
+        P = 0
+        while P < first and chosen[P] == rejected[P]: P += 1
+        Lc, Lr = len(chosen), len(rejected)
+        rows.append(chosen + rejected[P:])
+        # the rejected answer continues the prompt: its positions restart at P, as in its own row
+        positions.append(list(range(Lc)) + list(range(P, Lr)))
+        # token t of the chosen row is predicted at row position t-1; token t of the rejected row at t-1 while that is
+        # still the shared prefix (t-1 < P), else at its place after the chosen answer, Lc + (t-1-P)
+        tc = [(t - 1, lab_c[t]) for t in range(1, Lc) if lab_c[t] != IGNORE_INDEX]
+        tr = [(t - 1 if t - 1 < P else Lc + t - 1 - P, lab_r[t]) for t in range(1, Lr) if lab_r[t] != IGNORE_INDEX]
+        targets.append((P, Lc, tc, tr))
+    T = max(len(r) for r in rows)
+    K = max(max(len(tc), len(tr)) for _, _, tc, tr in targets)
+    out = dict(input_ids=torch.zeros(B, T, dtype=torch.long), position_ids=torch.zeros(B, T, dtype=torch.long),
+               attention_mask=torch.zeros(B, 1, T, T, dtype=torch.bool),
+               chosen_at=torch.zeros(B, K, dtype=torch.long), chosen_ids=torch.full((B, K), IGNORE_INDEX),
+               rejected_at=torch.zeros(B, K, dtype=torch.long), rejected_ids=torch.full((B, K), IGNORE_INDEX))
+    for b, (row, pos, (P, Lc, tc, tr)) in enumerate(zip(rows, positions, targets)):
+        n = len(row)
+        out['input_ids'][b, :n], out['position_ids'][b, :n] = torch.tensor(row), torch.tensor(pos)
+        visible = torch.ones(n, n, dtype=torch.bool).tril()   # causal
+        visible[Lc:, P:Lc] = False                           # the rejected answer never sees the chosen one
+        out['attention_mask'][b, 0, :n, :n] = visible
+        out['attention_mask'][b, 0, range(n, T), range(n, T)] = True   # padding sees itself only: no empty softmax row
+        for key, pairs in (('chosen', tc), ('rejected', tr)):
+            out[f'{key}_at'][b, :len(pairs)] = torch.tensor([at for at, _ in pairs])
+            out[f'{key}_ids'][b, :len(pairs)] = torch.tensor([i for _, i in pairs])
+    return {k: v.to(ids.device) for k, v in out.items()}
+
+def shared_prefix_logps(model, batch:dict, # a `collate_dpo` batch (2B rows, chosen first)
+                        average:bool=False, # length-normalise (mean per answer token) instead of summing
+                       ) -> dict:
+    "`concatenated_logps` with each pair's prompt computed once: B rows instead of 2B, the same numbers to float rounding."
+    sb = shared_prefix_batch(batch)
+    answered = torch.cat([sb['chosen_ids'], sb['rejected_ids']], 1) != IGNORE_INDEX
+    at = torch.cat([sb['chosen_at'], sb['rejected_at']], 1)[answered]
+    lo, hi = int(at.min()), int(at.max()) + 1                  # only the positions that predict an answer token
+    logits = model(input_ids=sb['input_ids'], attention_mask=sb['attention_mask'], position_ids=sb['position_ids'],
+                   logits_to_keep=torch.arange(lo, hi, device=at.device), use_cache=False).logits.float()
+    lse = logits.logsumexp(-1)                                  # one normaliser per position, shared by both answers
+    row = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    out = {}
+    for key in ('chosen', 'rejected'):
+        target = sb[f'{key}_ids']
+        mask = target != IGNORE_INDEX
+        where = (sb[f'{key}_at'] - lo).clamp(min=0)            # padding entries point anywhere; the mask zeroes them
+        lp = (logits[row, where, target.clamp(min=0)] - lse[row, where]) * mask
+        n = mask.sum(-1)
+        out[key], out[f'n_{key}'] = (lp.sum(-1) / n.clamp(min=1) if average else lp.sum(-1)), n
+    return out
 
 # %% ../nbs/08_dpo.ipynb #d8899c1a
 def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), shape (B,)
@@ -119,6 +186,7 @@ def precompute_ref_logps(ref:nn.Module, # the reference model (e.g. the policy b
                          examples:list[dict], # from `preference_dataset`
                          tok, batch_size:int=8,
                          adapters:bool=True, # False: run `ref` with its LoRA adapters disabled
+                         shared_prefix:bool=False, # each pair's prompt computed once (`shared_prefix_logps`)
                         ) -> list[dict]:
     "Copies of `examples` with `ref_chosen_logps` and `ref_rejected_logps` from one pass of `ref` (in the caller's autocast)."
     col, out = collate_dpo(tok), []
@@ -127,7 +195,8 @@ def precompute_ref_logps(ref:nn.Module, # the reference model (e.g. the policy b
         for i in range(0, len(examples), batch_size):
             chunk = [examples[j] for j in range(i, min(i + batch_size, len(examples)))]
             b = col(chunk)
-            lp = concatenated_logps(ref, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')})
+            lp = concatenated_logps(ref, {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')},
+                                    shared_prefix=shared_prefix)
             out += [dict(e, ref_chosen_logps=c.item(), ref_rejected_logps=r.item())
                     for e, c, r in zip(chunk, lp['chosen'], lp['rejected'])]
     return out
@@ -142,10 +211,11 @@ def reference_model(model, ref_model:nn.Module|None=None):
     with torch.no_grad(), (nullcontext() if ref_model is not None else adapters_disabled(model)):
         yield ref_model if ref_model is not None else model
 
-def reference_logps(model, batch:dict, ref_model:nn.Module|None=None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(model, batch:dict, ref_model:nn.Module|None=None,
+                    shared_prefix:bool=False) -> tuple[torch.Tensor, torch.Tensor]:
     "Reference log-probs of the batch's chosen and rejected answers: precomputed in `batch`, from `ref_model`, or adapters off."
     if 'ref_chosen_logps' in batch: return batch['ref_chosen_logps'], batch['ref_rejected_logps']
-    with reference_model(model, ref_model) as ref: lp = concatenated_logps(ref, batch)
+    with reference_model(model, ref_model) as ref: lp = concatenated_logps(ref, batch, shared_prefix=shared_prefix)
     return lp['chosen'], lp['rejected']
 
 LOSS_TYPES = ('sigmoid', 'ipo', 'simpo')   # DPO, IPO, SimPO: trl's names
@@ -154,17 +224,18 @@ def dpo_loss_fn(beta:float=0.1, # the KL coefficient β (SimPO: the reward scale
                 ref_model:nn.Module|None=None, # a frozen reference; None: precomputed in the batch, or adapters disabled
                 loss_type:str='sigmoid', # 'sigmoid' (DPO), 'ipo' or 'simpo' (no reference); see the DPO family below
                 gamma:float=0.5, # SimPO's target margin γ
+                shared_prefix:bool=False, # each pair's prompt computed once (`shared_prefix_logps`): the same loss, faster
                ):
     "`loss_fn(model, batch) -> (loss, metrics)` for `ftcourse.train.train`: DPO (or IPO, SimPO) on a `collate_dpo` batch."
     if loss_type not in LOSS_TYPES: raise ValueError(f"loss_type={loss_type!r}: use one of {LOSS_TYPES}")
     def loss_fn(model, batch):
-        lp = concatenated_logps(model, batch)
+        lp = concatenated_logps(model, batch, shared_prefix=shared_prefix)
         chosen, rejected = lp['chosen'], lp['rejected']
         if loss_type == 'simpo':        # SimPO's reward is the mean log-prob per token, with no reference
             chosen, rejected = chosen / lp['n_chosen'].clamp(min=1), rejected / lp['n_rejected'].clamp(min=1)
             loss, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, beta, gamma)
         else:
-            ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
+            ref_chosen, ref_rejected = reference_logps(model, batch, ref_model, shared_prefix)
             if loss_type == 'sigmoid':
                 loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
             else:
@@ -280,6 +351,7 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
               verbose:bool=True, # print the data report
               loss_type:str='sigmoid', # 'sigmoid' (DPO), 'ipo', or 'simpo' (which needs no reference)
               gamma:float=0.5, # SimPO's target margin
+              shared_prefix:bool=False, # each pair's prompt computed once, in training and in the precomputed reference
              ) -> History:
     "DPO with `ftcourse.train.train`: returns the history (loss, rewards, accuracy, margin; eval_* on `eval_rows`)."
     cfg = cfg or TrainConfig()
@@ -292,26 +364,38 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
     col = collate_dpo(tok)
     if reference == 'precomputed':
         bs = cfg.micro_batch_size or cfg.batch_size
-        seen = sorted({i for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)})
-        # the reference in the precision the loop trains in, so that the first step's log-ratios are 0 up to rounding
+        # the micro-batches the loop will run, in its order; each one that holds a pair not scored yet is scored whole, so
+        # a pair's reference comes from the same batch (same padding) as the policy's first pass over it: under bf16 a
+        # different batch rounds differently, by up to a tenth of a nat
+        micro, seen = [], set()
+        for s in range(cfg.steps):
+            idx = batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)
+            for chunk in (idx[i:i + bs] for i in range(0, len(idx), bs)):
+                if not seen.issuperset(chunk): micro.append(chunk)
+                seen.update(chunk)
+        # the reference in the precision the loop trains in, so that the first step's log-ratios are 0
         dev = next(model.parameters()).device
+        exs, first = list(exs), set()
         with autocast(dev, cfg.mixed_precision):
-            pre = precompute_ref_logps(ref_model or model, [exs[i] for i in seen], tok, bs)
-            if evs is not None: evs = precompute_ref_logps(ref_model or model, evs, tok, bs)
-        exs = list(exs)
-        for i, e in zip(seen, pre): exs[i] = e
+            for chunk in micro:
+                scored = precompute_ref_logps(ref_model or model, [exs[i] for i in chunk], tok, bs, shared_prefix=shared_prefix)
+                for i, e in zip(chunk, scored):
+                    if i not in first: exs[i] = e
+                    first.add(i)
+            if evs is not None: evs = precompute_ref_logps(ref_model or model, evs, tok, bs, shared_prefix=shared_prefix)
     frozen = (ref_model or frozen_copy(model)) if reference == 'frozen' else None
-    loss_fn = dpo_loss_fn(beta, frozen, loss_type, gamma)
+    loss_fn = dpo_loss_fn(beta, frozen, loss_type, gamma, shared_prefix)
     # held-out pairs: the loop's own `evaluate` reports the loss and every metric, averaged over pairs
     return train(model, loss_fn, exs, cfg, collate_fn=col, eval_data=evs, eval_fn=eval_fn)
 
 # %% ../nbs/08_dpo.ipynb #20c01370
-def _batch_logps(model, batch:dict, digest:str|None) -> dict:
+def _batch_logps(model, batch:dict, digest:str|None, shared_prefix:bool) -> dict:
     "`concatenated_logps` of one batch, read from the course cache when the same weights saw the same batch before."
-    if digest is None: return concatenated_logps(model, batch)
+    if digest is None: return concatenated_logps(model, batch, shared_prefix=shared_prefix)
     what = dict(weights=digest, **{k: batch[k].tolist() for k in ('input_ids', 'attention_mask', 'labels')},
-                **run_context(model))
-    compute = lambda: {k: v.float().cpu().tolist() for k, v in concatenated_logps(model, batch).items()}
+                shared_prefix=shared_prefix, **run_context(model))
+    compute = lambda: {k: v.float().cpu().tolist()
+                       for k, v in concatenated_logps(model, batch, shared_prefix=shared_prefix).items()}
     return {k: torch.tensor(v) for k, v in cached_result('logps', what, compute).items()}
 
 @torch.no_grad()
@@ -319,6 +403,7 @@ def pair_logps(model, tok, rows, # a model, its tokenizer, preference rows (or e
                ref='adapters', # 'adapters' (LoRA disabled), a reference model, 'precomputed' (in the examples), or None
                batch_size:int=8, max_len:int=128,
                cache:bool=True, # reuse the model's log-probs of a batch computed before (same weights, batch, autocast)
+               shared_prefix:bool=False, # each pair's prompt computed once (`shared_prefix_logps`): faster, equal to rounding
               ) -> dict:
     "Per pair, in order: log π of the chosen and rejected answers, their token counts, and (unless `ref` is None) the reference's."
     exs = _examples(rows, tok, max_len, False)
@@ -329,10 +414,10 @@ def pair_logps(model, tok, rows, # a model, its tokenizer, preference rows (or e
         for i in range(0, len(exs), batch_size):
             b = col(exs[i:i + batch_size])
             bt = {k: b[k].to(dev) for k in ('input_ids', 'attention_mask', 'labels')}
-            lp = _batch_logps(model, bt, digest)
+            lp = _batch_logps(model, bt, digest, shared_prefix)
             if ref == 'precomputed': lp['ref_chosen'], lp['ref_rejected'] = b['ref_chosen_logps'], b['ref_rejected_logps']
             elif ref is not None:
-                lp['ref_chosen'], lp['ref_rejected'] = reference_logps(model, bt, None if ref == 'adapters' else ref)
+                lp['ref_chosen'], lp['ref_rejected'] = reference_logps(model, bt, None if ref == 'adapters' else ref, shared_prefix)
             parts.append({k: v.float().cpu() for k, v in lp.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

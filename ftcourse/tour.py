@@ -47,7 +47,8 @@ def evaluate_policy(model, tok, sft_rows, pref_rows, start=None, # the starting 
     device = next(model.parameters()).device
     with autocast(device):
         judged = judge_eval(model, tok, sft_rows, max_new_tokens, batch_size=64)   # larger batches: generation costs less per answer
-        wins = logp_preferences(model, tok, pref_rows, batch_size=16, max_len=max_len)   # chapter 9's, pair by pair
+        # chapter 9's, pair by pair, each prompt computed once (chapter 8's prefix sharing)
+        wins = logp_preferences(model, tok, pref_rows, batch_size=16, max_len=max_len, shared_prefix=True)
         if len(wins) != len(pref_rows):   # a pair longer than max_len is dropped by the tokenizer step: say so, never skip it
             raise ValueError(f"{len(pref_rows) - len(wins)} held-out pairs do not fit max_len={max_len}: raise the run's sequence_len")
         kl = 0.0

@@ -127,7 +127,8 @@ def test_micro_batches_are_weighted_by_pairs(rows):
 @pytest.mark.parametrize('reference', ['precomputed', 'adapters', 'frozen'])
 def test_train_dpo_learns(rows, reference):
     m, tok = tiny_model(); apply_lora(m, r=8, alpha=16, target_modules='all-linear')
-    cfg = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=8, progress=False)
+    # fp32: the loop's evaluation is compared with preference_metrics, which runs without autocast
+    cfg = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=8, progress=False, mixed_precision='no')
     h = train_dpo(m, tok, rows, eval_rows=rows.select(range(4)), cfg=cfg, reference=reference, verbose=False)
     losses = [r['loss'] for r in h if 'loss' in r]
     assert abs(losses[0] - 0.6931472) < 1e-4 and losses[-1] < losses[0]
@@ -240,3 +241,39 @@ def test_pair_logps_caches_by_weights_batch_and_autocast(monkeypatch, tmp_path, 
         pair_logps(model, tok, rows, ref=None, batch_size=3)
     with torch.no_grad(): next(model.parameters()).view(-1)[0] += 1e-3    # one weight moved: another model
     with pytest.raises(AssertionError, match='computed again'): pair_logps(model, tok, rows, ref=None, batch_size=3)
+
+def test_shared_prefix_gives_the_concatenated_losses_and_gradients(rows):
+    "DPO and ORPO with each prompt computed once: the same losses and gradients as the 2B-row batch, in fp32."
+    from ftcourse.dpo import shared_prefix_batch
+    from ftcourse.orpo import orpo_loss_fn
+    policy, tok = tiny_model()
+    apply_lora(policy, r=4, alpha=8, target_modules='all-linear')
+    for l in lora_layers(policy).values(): torch.nn.init.normal_(l.lora_B, std=0.02)   # adapters that do something
+    exs = precompute_ref_logps(policy, preference_dataset(rows, tok, 128, verbose=False)[0], tok, adapters=False)
+    batch = collate_dpo(tok)(exs)
+    sb = shared_prefix_batch(batch)
+    assert len(sb['input_ids']) == len(exs) and int(sb['attention_mask'][:, 0, :, 0].sum()) < int(batch['attention_mask'].sum())
+    for make in (lambda s: dpo_loss_fn(0.1, shared_prefix=s), lambda s: dpo_loss_fn(0.1, loss_type='ipo', shared_prefix=s),
+                 lambda s: orpo_loss_fn(0.1, shared_prefix=s)):
+        out = {}
+        for shared in (False, True):
+            policy.zero_grad()
+            loss, metrics = make(shared)(policy, batch)
+            loss.backward()
+            out[shared] = loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        assert torch.allclose(out[False][0], out[True][0], rtol=1e-5, atol=1e-6)
+        assert out[False][1].keys() == out[True][1].keys()
+        for n, g in out[False][1].items(): assert torch.allclose(g, out[True][1][n], rtol=1e-3, atol=1e-6), n
+    with pytest.raises(ValueError, match="nll_on='answer'"): orpo_loss_fn(0.1, nll_on='sequence', shared_prefix=True)
+    empty = dict(batch, labels=batch['labels'].clone())
+    empty['labels'][0] = -100                                   # pair 0's chosen answer has no tokens left
+    with pytest.raises(ValueError, match='pair 0'): shared_prefix_batch(empty)
+
+@pytest.mark.parametrize('shared_prefix', [False, True])
+def test_precomputed_reference_scores_each_pair_in_its_training_batch(rows, shared_prefix):
+    "The reference is scored on the micro-batches the loop runs, so the first step's log-ratios are 0 even under bf16."
+    m, tok = tiny_model(); apply_lora(m, r=8, alpha=16, target_modules='all-linear')
+    cfg = TrainConfig(steps=3, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=0, eval_every=0, progress=False,
+                      mixed_precision='bf16')
+    h = train_dpo(m, tok, rows, cfg=cfg, reference='precomputed', verbose=False, shared_prefix=shared_prefix)
+    assert h[0]['loss'] == pytest.approx(0.6931472, abs=1e-6) and h[0]['margin'] == 0
