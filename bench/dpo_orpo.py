@@ -4,6 +4,7 @@ initialisation), the same pairs in the same order, batch B pairs, AdamW lr 5e-4,
 1.0, N steps, fp32. DPO: beta 0.1, reference log-probs precomputed by both before the timed steps (trl:
 precompute_ref_log_probs=True). ORPO: lambda 0.1, trl's NLL over the whole chosen sequence (ours with nll_on='sequence'),
 and trl is handed our tokenization (its own appends an extra end-of-sequence token), so both do the same arithmetic.
+Also ours with chapter 8's prefix sharing (`dpo-shared`: each pair's prompt computed once), on the same DPO work.
 
 Each of the four runs is a fresh subprocess, so the peak memory of one does not hide another's: CPU peak is the process's
 peak resident set size (resource.getrusage ru_maxrss) after the run, and its increase over the peak before the timed
@@ -49,9 +50,12 @@ def child(which):
     rows = load_course_dataset('preference', 'train').select(range(N * B))
     exs, _ = preference_dataset(rows, tok, 128, verbose=False)
     cuda = dev == 'cuda'
-    if impl == 'ours':
-        if method == 'dpo': exs, loss_fn = precompute_ref_logps(model, exs, tok, B), dpo_loss_fn(0.1)
-        else: loss_fn = orpo_loss_fn(0.1, nll_on='sequence')
+    if impl in ('ours', 'shared'):
+        shared = impl == 'shared'     # chapter 8's prefix sharing: each pair's prompt computed once
+        if method == 'dpo':
+            exs = precompute_ref_logps(model, exs, tok, B, shared_prefix=shared)
+            loss_fn = dpo_loss_fn(0.1, shared_prefix=shared)
+        else: loss_fn = orpo_loss_fn(0.1, nll_on='sequence')   # trl's NLL (prefix sharing needs nll_on='answer')
         saved = saved_mib(model, lambda: loss_fn(model, {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate_dpo(tok)(exs[:B]).items()}))
         cfg = TrainConfig(steps=N, batch_size=B, lr=LR, warmup_steps=WARM, max_grad_norm=1.0, eval_every=0, shuffle=False,
                           progress=False, mixed_precision='no')
@@ -92,7 +96,7 @@ if args.one:
 
 res, seconds = {}, {}
 for _ in range(args.repeats):   # ours and trl alternate, so load from other jobs hits both alike
-    for which in ('dpo-ours', 'dpo-trl', 'orpo-ours', 'orpo-trl'):
+    for which in ('dpo-ours', 'dpo-shared', 'dpo-trl', 'orpo-ours', 'orpo-trl'):
         out = subprocess.run([sys.executable, __file__, '--steps', str(N), '--batch', str(B), '--one', which], capture_output=True, text=True)
         line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
         if line is None: sys.exit(f"{which} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -120,9 +124,14 @@ for meth in ('dpo', 'orpo'):
     d = [abs(a - b) for a, b in zip(o['losses'], t['losses'])]
     lines += [f"**{meth.upper()}: speed ratio (ours / trl, steps per second) {t['seconds'] / o['seconds']:.2f}**; "
               f"largest per-step loss difference {max(d):.1e} over {len(d)} steps.", ""]
-lines += ["| step | DPO ours | DPO trl | ORPO ours | ORPO trl |", "|---|---|---|---|---|"]
+o, t = res['dpo-shared'], res['dpo-trl']
+d = [abs(a - b) for a, b in zip(o['losses'], t['losses'])]
+lines += [f"**DPO with prefix sharing (`shared_prefix=True`, chapter 8): speed ratio (ours / trl) {t['seconds'] / o['seconds']:.2f}**, "
+          f"{res['dpo-ours']['seconds'] / o['seconds']:.2f} times our concatenated forward; largest per-step loss difference from trl "
+          f"{max(d):.1e}.", ""]
+lines += ["| step | DPO ours | DPO ours, shared prefix | DPO trl | ORPO ours | ORPO trl |", "|---|---|---|---|---|---|"]
 for i in range(N):
-    lines.append(f"| {i + 1} | " + ' | '.join(f"{res[w]['losses'][i]:.6f}" for w in ('dpo-ours', 'dpo-trl', 'orpo-ours', 'orpo-trl')) + " |")
+    lines.append(f"| {i + 1} | " + ' | '.join(f"{res[w]['losses'][i]:.6f}" for w in res) + " |")
 lines += ["", "Where the difference comes from (from trl 1.16's source, not profiled): for DPO both project only answer positions "
           "through the 49,152-way output head (ours: the batch's answer span via `logits_to_keep`; trl: exactly the labelled "
           "positions, in tiles, through its fused LM head), but trl's DPOTrainer also computes each token's entropy, mean logit "
