@@ -142,9 +142,6 @@ FIXED = dict(ppo=dict(warmup_steps=(0, "train_ppo's schedule has no warmup (cosi
                       strategy=('ddp', "train_ppo samples in its collate, on one process's whole model")),
              grpo=dict(weight_decay=(0.0, "train_grpo's AdamW has no weight decay"),
                        eval_every=(0, "the grpo command does not evaluate while it trains (the tour scores the policy)"),
-                       log_with=(None, "train_grpo logs to the run folder's metrics.csv only"),
-                       save_every=(0, "train_grpo writes no checkpoints"),
-                       resume=(False, "train_grpo writes no checkpoints to resume from"),
                        strategy=('ddp', "train_grpo samples in its collate, on one process's whole model")))
 
 class ConfigError(ValueError):

@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/grpo.html.md"""
 
 # %% ../nbs/07a_grpo.ipynb #ebba82f6
 from __future__ import annotations
-import math, tempfile, warnings
+import math, os, tempfile, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 import torch
@@ -167,6 +167,15 @@ class GRPOConfig:
     seed:int = field(default=0, metadata={'help': 'seed of the prompt order and of the sampling'})
     shuffle:bool = field(default=True, metadata={'help': 'shuffle the prompts (False: in order)'})
     progress:bool = field(default=True, metadata={'help': 'show a progress bar'})
+    # the loop's checkpointing and logging, named as `TrainConfig` names them
+    out_dir:str|None = field(default=None, metadata={'help': 'where the loop writes checkpoints and metrics.jsonl '
+                                                             '(None: nothing on disk)'})
+    save_every:int = field(default=0, metadata={'help': 'checkpoint every this many steps '
+                                                        '(0: only at the end, if out_dir is set)'})
+    keep_checkpoints:int = field(default=2, metadata={'help': 'how many checkpoints to keep'})
+    resume:bool = field(default=False, metadata={'help': 'continue from the latest checkpoint in out_dir'})
+    log_with:list|None = field(default=None, metadata={'help': "Accelerate trackers to log to as well, "
+                                                               "e.g. ['tensorboard']"})
 
     def __post_init__(self):
         if self.num_generations < 2: raise ValueError(f"num_generations={self.num_generations}: GRPO needs at least 2 per prompt")
@@ -176,7 +185,9 @@ class GRPOConfig:
         if self.steps < 1 or self.prompts_per_step < 1: raise ValueError("steps and prompts_per_step must be >= 1")
 
 # %% ../nbs/07a_grpo.ipynb #3bf5879b
-def grpo_collate(model, tok, cfg:GRPOConfig, reward_fn=judge_reward, ref=None):
+def grpo_collate(model, tok, cfg:GRPOConfig, reward_fn=judge_reward, ref=None,
+                 micro_batches:int=1, # the loop's micro-batches per step in this process
+                ):
     "A collate function for `ftcourse.train.train`: G completions per prompt, sampled now, scored, with advantages."
     G, calls = cfg.num_generations, [0]
     @torch.no_grad()
@@ -207,6 +218,12 @@ def grpo_collate(model, tok, cfg:GRPOConfig, reward_fn=judge_reward, ref=None):
         # what ftcourse.train weighs this micro-batch by: its completion tokens for dapo, its completions otherwise
         b['n_items'] = int(b['response_mask'].sum()) if cfg.loss_type == 'dapo' else len(b['response_mask'])
         return b
+    def set_step(step):
+        # the loop's hook, called before each step's micro-batches: micro-batch k of step s is generation batch
+        # s * micro_batches + k, as the count of calls gives in one run; a resumed run's count would start again at
+        # 0 and sample other completions than the uninterrupted run did
+        calls[0] = step * micro_batches
+    collate.set_step = set_step
     return collate
 
 def grpo_loss_fn(cfg:GRPOConfig):
@@ -238,8 +255,14 @@ def train_grpo(model, tok, prompt_rows, # the policy (LoRA applied or not), its 
         ref = ref_model if ref_model is not None else model if lora_layers(model) else frozen_copy(model)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.prompts_per_step, micro_batch_size=cfg.micro_batch_prompts, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, eval_every=eval_every,
-                       mixed_precision=cfg.mixed_precision, seed=cfg.seed, shuffle=cfg.shuffle, progress=cfg.progress)
-    return train(model, grpo_loss_fn(cfg), rows, tcfg, collate_fn=grpo_collate(model, tok, cfg, reward_fn, ref), eval_fn=eval_fn)
+                       mixed_precision=cfg.mixed_precision, seed=cfg.seed, shuffle=cfg.shuffle, progress=cfg.progress,
+                       out_dir=cfg.out_dir, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+                       resume=cfg.resume, log_with=cfg.log_with)
+    # a step's prompts in this process, in micro-batches as `train` splits them: the sampling seeds count them
+    per_process = max(1, cfg.prompts_per_step // int(os.environ.get('WORLD_SIZE', '1')))
+    micro_batches = math.ceil(per_process / (cfg.micro_batch_prompts or per_process))
+    collate = grpo_collate(model, tok, cfg, reward_fn, ref, micro_batches)
+    return train(model, grpo_loss_fn(cfg), rows, tcfg, collate_fn=collate, eval_fn=eval_fn)
 
 # %% ../nbs/07a_grpo.ipynb #519146cb
 def trl_rollout_func(tok, cfg):

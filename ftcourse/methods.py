@@ -139,7 +139,9 @@ def _fit_grpo(cfg, model, tok, train_rows, eval_rows, tcfg):
                       temperature=cfg.grpo_temperature, loss_type=cfg.grpo_loss_type, epsilon=cfg.grpo_epsilon,
                       epsilon_high=cfg.grpo_epsilon_high, beta=cfg.grpo_beta, scale_rewards=cfg.grpo_scale_rewards,
                       filter_zero_std=cfg.grpo_filter_zero_std, eos_bonus=cfg.grpo_eos_bonus,
-                      mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+                      mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+                      out_dir=tcfg.out_dir, save_every=tcfg.save_every, keep_checkpoints=tcfg.keep_checkpoints,
+                      resume=tcfg.resume, log_with=tcfg.log_with)
     return model, train_grpo(model, tok, rows, cfg=gcfg)
 
 # each method: `(cfg, model, tok, train_rows, eval_rows, train_config) -> (trained module, history)`; a new method

@@ -232,7 +232,7 @@ def _autocast_forward(acc, model):
 def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
           train_data, # indexable examples (a list or a `datasets.Dataset`)
           cfg:TrainConfig=None, # the run's settings
-          collate_fn=None, # examples -> batch dict of tensors (default: stack tensors)
+          collate_fn=None, # examples -> batch dict (default: stack); its `set_step(step)`, if any, is called each step
           eval_data=None, # held-out examples for `loss_fn`'s mean
           eval_fn=None, # `eval_fn(model) -> dict` of extra metrics (e.g. the judge's score)
           params=None, # what to train (default: every parameter with requires_grad)
@@ -297,6 +297,9 @@ def train(model, loss_fn, # `loss_fn(model, batch) -> (loss, metrics)`
         t0 = time.time()
         # this process's share of the global batch: every world-th example, from position `rank`
         idx = batch_indices(step, cfg.batch_size, len(train_data), cfg.seed, cfg.shuffle)[rank::world]
+        # a collate that draws at random (GRPO's samples completions) must seed from the step, not from a count of
+        # its calls, which starts again at 0 in a resumed run: tell it the step, as DistributedSampler.set_epoch does
+        if hasattr(collate_fn, 'set_step'): collate_fn.set_step(step)
         batches = [collate_fn([train_data[j] for j in idx[i:i + mb]]) for i in range(0, len(idx), mb)]
         counts = [count_items(b) for b in batches]
         # the GLOBAL item count: every micro-batch's mean is weighted by its share of the whole batch on all processes

@@ -328,7 +328,7 @@ def test_grpo_runs_from_flags_and_yaml_and_refuses_what_it_cannot_do(tmp_path):
     assert model is not None
     for flags, msg in ((['--grpo-loss-type', 'nope'], 'grpo_loss_type must be one of'),
                        (['--grpo-num-generations', 1], 'at least 2'),
-                       (['--save-every', 2], 'grpo does not support save_every'),
+                       (['--weight-decay', 0.1], 'grpo does not support weight_decay'),
                        (['--grpo-tasks', 'nosuchtask', '--steps', 1], 'no training row has one of these tasks'),
                        (['--beta', 0.1], 'beta has no effect on a grpo run')):
         rc, out, err = cli('grpo', '--model', 'tiny', *flags, '--output-dir', tmp_path/'bad')

@@ -84,6 +84,36 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
         wa, wb = load_file(tmp_path/'whole'/name), load_file(tmp_path/'killed'/name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
+def grpo_command(out, *extra):
+    "A tiny GRPO run: 12 steps of 4 prompts in micro-batches of 2, 4 completions of each, saved every 4 steps."
+    # the judge scores the tiny model's random text 0 throughout, which is no signal; a bonus for stopping with EOS
+    # within 16 tokens makes some groups mixed, so that the policy moves
+    return [sys.executable, '-m', 'ftcourse.cli', 'grpo', '--model', 'tiny', '--batch-size', '4',
+            '--micro-batch-size', '2', '--steps', '12', '--save-every', '4', '--lr', '1e-3',
+            '--grpo-num-generations', '4', '--grpo-max-new-tokens', '16', '--grpo-eos-bonus', '1.0',
+            '--mixed-precision', 'no', '--output-dir', str(out), *extra]
+
+def test_a_killed_grpo_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """GRPO samples in its collate function, seeded by the step and the micro-batch (the loop's `set_step` hook says
+    the step): a run killed after a checkpoint and resumed samples the uninterrupted run's completions and ends with
+    its weights."""
+    whole = start(grpo_command(tmp_path/'whole'), tmp_path/'whole.log')
+    killed = start(grpo_command(tmp_path/'killed'), tmp_path/'killed.log')
+    at = kill_after_checkpoint(killed, tmp_path/'killed', 4)
+    assert killed.returncode == -signal.SIGKILL and at < 12
+    assert not (tmp_path/'killed'/'trainable.safetensors').exists()
+    resumed = subprocess.run(grpo_command(tmp_path/'killed', '--resume'), env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
+    assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
+    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
+    assert [r['step'] for r in a] == list(range(1, 13))
+    assert any(r['grad_norm'] > 0 for r in a if r['step'] > at)          # the policy moves after the kill too
+    assert without_time(a) == without_time(b)        # every reward, completion length, loss and gradient norm
+    wa, wb = load_file(tmp_path/'whole'/'trainable.safetensors'), load_file(tmp_path/'killed'/'trainable.safetensors')
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
 def cli(*argv):
     o, e = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):

@@ -56,6 +56,24 @@ def test_ppo_fixed_values_are_what_train_ppo_runs_with(tmp_path, monkeypatch):
     assert loop.out_dir == str(tmp_path/'p') and not loop.resume
     assert (tmp_path/'p'/'value_head.safetensors').exists()
 
+def test_grpo_passes_the_runs_folder_checkpoints_and_trackers_to_the_loop(tmp_path, monkeypatch):
+    "A grpo run's folder, save_every, resume and log_with reach the loop (none is fixed); its collate has `set_step`."
+    from ftcourse import grpo
+    from ftcourse.train import History
+    assert not {'save_every', 'resume', 'log_with'} & set(FIXED['grpo'])
+    seen = {}
+    def train(model, loss_fn, data, loop, collate_fn, eval_fn=None):
+        seen.update(loop=loop, collate_fn=collate_fn)
+        return History()
+    monkeypatch.setattr(grpo, 'train', train)
+    flags = dict(method='grpo', model='tiny', batch_size=4, micro_batch_size=2, steps=3, save_every=2,
+                 log_with='tensorboard', output_dir=str(tmp_path/'g'))
+    with contextlib.redirect_stdout(io.StringIO()): run(load_config(overrides=flags), device='cpu')
+    loop = seen['loop']
+    assert (loop.steps, loop.save_every, loop.log_with, loop.keep_checkpoints) == (3, 2, ['tensorboard'], 1)
+    assert loop.out_dir == str(tmp_path/'g') and not loop.resume
+    assert callable(seen['collate_fn'].set_step)
+
 def test_fsdp_is_refused_exactly_by_the_methods_that_do_not_train_through_the_loop():
     "FSDP is chapter 2b's `train(strategy='fsdp')`: a method whose trainer calls `train` takes it, the others refuse it."
     import re

@@ -1,5 +1,5 @@
 "The training loop: accumulation by token count, schedule, resuming, NaN stop, atomic checkpoints."
-import json, math
+import contextlib, json, math
 import pytest, torch
 from transformers import get_cosine_schedule_with_warmup
 from ftcourse.core import tiny_model, load_course_dataset
@@ -149,3 +149,33 @@ def test_trained_model_runs_without_the_autocast_wrapper(data):
     copy.eval()
     x = coll(exs[:2])['input_ids']
     with torch.no_grad(): assert torch.equal(m(x).logits, copy(x).logits)
+
+class StepListener:
+    "A collate function with the loop's `set_step` hook: it records each step it is told and each micro-batch it makes."
+    def __init__(self, collate):
+        self.collate, self.events = collate, []
+    def set_step(self, step):
+        self.events.append(step)
+    def __call__(self, examples):
+        self.events.append('micro-batch')
+        return self.collate(examples)
+
+def test_the_collate_is_told_every_step_in_order_and_a_resumed_run_the_steps_left(data, tmp_path):
+    "`train` calls `collate_fn.set_step(step)` before it makes each step's micro-batches; a resumed run, from its step."
+    exs, coll = data
+    def run(out_dir, crash_at=None, resume=False):
+        m, _ = tiny_model()
+        listener, forwards = StepListener(coll), dict(n=0)
+        def loss_fn(model, batch):
+            forwards['n'] += 1
+            if forwards['n'] == crash_at: raise RuntimeError('simulated crash')
+            return sft_loss_fn(model, batch)
+        cfg = TrainConfig(steps=5, batch_size=4, micro_batch_size=2, save_every=2, eval_every=0, out_dir=str(out_dir),
+                          progress=False, mixed_precision='no')
+        with contextlib.suppress(RuntimeError): train(m, loss_fn, exs, cfg, collate_fn=listener, resume=resume)
+        return listener.events
+    step = lambda s: [s, 'micro-batch', 'micro-batch']     # two micro-batches a step, built after the step is told
+    assert run(tmp_path/'whole') == [e for s in range(5) for e in step(s)]
+    assert run(tmp_path/'cut', crash_at=7) == [e for s in range(4) for e in step(s)]   # dies in step 3's first forward
+    assert latest_checkpoint(tmp_path/'cut').name == 'checkpoint-000002'
+    assert run(tmp_path/'cut', resume=True) == [e for s in (2, 3, 4) for e in step(s)]
