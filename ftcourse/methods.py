@@ -13,7 +13,7 @@ import torch
 from .core import set_seed
 from .config import RunConfig, ConfigError, validate_config
 from .runs import (build_model, check_output_dir, is_main_process, load_reward_run, prepare_output_dir,
-                           save_trainable, wait_for_everyone, write_csv)
+                           save_trainable, wait_for_everyone)
 
 # %% auto #0
 __all__ = ['TRAINERS', 'load_rows', 'train_config', 'train_sft', 'ppo_prompts', 'fit', 'run', 'PeakRSS']
@@ -99,13 +99,14 @@ def _fit_reward(cfg, model, tok, train_rows, eval_rows, tcfg):
 
 def _fit_dpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import dpo
+    # each pair's prompt computed once (chapter 8's prefix sharing): the same loss to float rounding, fewer tokens
     return model, dpo.train_dpo(model, tok, train_rows, eval_rows, tcfg, beta=cfg.beta, reference='precomputed',
-                                max_len=cfg.sequence_len)
+                                max_len=cfg.sequence_len, shared_prefix=True)
 
 def _fit_orpo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse import orpo
     return model, orpo.train_orpo(model, tok, train_rows, eval_rows, tcfg, lam=cfg.orpo_lambda,
-                                  max_len=cfg.sequence_len)
+                                  max_len=cfg.sequence_len, shared_prefix=True)
 
 def _fit_ppo(cfg, model, tok, train_rows, eval_rows, tcfg):
     from ftcourse.ppo import train_ppo, PPOConfig, judge_reward, reward_model_reward
@@ -186,7 +187,6 @@ def run(cfg:RunConfig, device=None,
     # every process takes part (FSDP gathers the shards into whole tensors); the main one alone writes
     save_trainable(model, out/'trainable.safetensors', write=main)
     if main:                    # one writer: the other processes hold the same trained weights
-        write_csv(list(hist), out/'metrics.csv')
         (out/'summary.json').write_text(json.dumps(summary, indent=1))
         print(f"saved {cfg.method} run to {out}/ ({n_train:,} trainable parameters, {summary['seconds']} s)")
     wait_for_everyone()         # the others return once the folder is complete

@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/runs.html.md"""
 
 # %% ../nbs/10a_runs.ipynb #1303f601
 from __future__ import annotations
-import csv, os, shutil
+import os, shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
@@ -14,9 +14,9 @@ from .core import load_model, set_seed, tiny_model
 from .config import RunConfig, ConfigError, config_yaml, is_peft_folder, is_run_folder, read_run_config
 
 # %% auto #0
-__all__ = ['is_main_process', 'wait_for_everyone', 'check_output_dir', 'check_resumable', 'prepare_output_dir', 'read_csv',
-           'write_csv', 'base_model', 'merge_adapters', 'add_adapter', 'save_trainable', 'load_trainable',
-           'build_model', 'load_run', 'load_reward_run']
+__all__ = ['is_main_process', 'wait_for_everyone', 'check_output_dir', 'check_resumable', 'prepare_output_dir', 'base_model',
+           'merge_adapters', 'add_adapter', 'save_trainable', 'load_trainable', 'build_model', 'load_run',
+           'load_reward_run']
 
 # %% ../nbs/10a_runs.ipynb #b47a3309
 def is_main_process() -> bool:
@@ -63,21 +63,6 @@ def prepare_output_dir(cfg:RunConfig) -> Path:
             (out/'config.yaml').write_text(config_yaml(replace(cfg, output_dir=str(out))))
     wait_for_everyone()
     return out
-
-def read_csv(path:str|Path) -> list[dict]:
-    "The rows of `write_csv`'s table, numbers as floats and empty cells left out."
-    def num(v):
-        try: return float(v)
-        except ValueError: return v
-    with open(path, newline='') as f: return [{k: num(v) for k, v in r.items() if v != ''} for r in csv.DictReader(f)]
-
-def write_csv(rows:list[dict], path:str|Path):
-    "Write logged rows (dicts with different keys) as one CSV table, columns in order of first appearance."
-    cols = list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], (int, float, str))))
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, cols, extrasaction='ignore')
-        w.writeheader()
-        w.writerows(rows)
 
 # %% ../nbs/10a_runs.ipynb #ed97987e
 def base_model(name:str, device='cpu'):

@@ -14,7 +14,8 @@ from .core import DEFAULT_MODEL, autocast, eval_mode
 from .evaluate import JudgeResult, judge_eval, compare, wilson_interval, paired_test
 from .orpo import logp_preferences
 from .config import FIXED, RunConfig, ConfigError, config_yaml
-from .runs import base_model, load_reward_run, load_run, read_csv
+from .runs import base_model, load_reward_run, load_run
+from .train import read_history
 
 # %% auto #0
 __all__ = ['TOUR_ORDER', 'answer_logps', 'evaluate_policy', 'tour_configs', 'tour', 'significance_rows', 'task_rows',
@@ -119,7 +120,7 @@ def tour(out:str|Path='runs/tour', # the report folder (it must not hold another
                             m, '--config', str(out/f'{m}.yaml')])
         if r.returncode: raise RuntimeError(f"the tour's {m} run failed (exit status {r.returncode}); its output is above")
         summ = json.loads((out/m/'summary.json').read_text())
-        hists[m] = read_csv(out/m/'metrics.csv')
+        hists[m] = read_history(out/m/'metrics.jsonl')   # the loop's log (PPO: one row per minibatch update)
         info = dict(method=m, trainable_params=summ['trainable_params'], steps=cfgs[m].steps, train_seconds=summ['seconds'],
                     peak_mb=summ['cuda_peak_mb'] or summ['process_peak_rss_mb'])
         if m == 'reward':
@@ -198,7 +199,7 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
                 ema = 0.8 * ema + 0.2 * y
                 smooth.append(ema)
             ax.plot(xs, ys, marker='.', alpha=0.35); ax.plot(xs, smooth, color='C0', label='moving average')
-        ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step' if m != 'ppo' else 'iteration')
+        ax.set_title(f"{m}: {key}", fontsize=10); ax.set_xlabel('step' if m != 'ppo' else 'update')
     fig.tight_layout(); fig.savefig(out/'training.png', dpi=110); plt.close(fig)
     n, n_pairs = meta['n_eval'], len(pol[0]['pref_wins']) if pol else 0
     lines = [f"# ftcourse tour: {meta['model']}", '',
@@ -233,7 +234,7 @@ def write_report(out:Path, rows:list[dict], hists:dict, sft_rows:list, meta:dict
     for i, q in enumerate(sft_rows[:4]):
         lines.append(f"**{q['messages'][0]['content']}** (expected: {q['answer']})"); lines.append('')
         lines += [f"- {r['method']}: {r['answers'][i]!r}" for r in pol]; lines.append('')
-    lines += ['Each method\'s run folder (config.yaml, metrics.csv, trainable.safetensors) is next to this report; '
+    lines += ['Each method\'s run folder (config.yaml, metrics.jsonl, trainable.safetensors) is next to this report; '
               '`ftcourse chat --run <folder>` talks to a policy.']
     (out/'report.md').write_text('\n'.join(lines) + '\n')
     keep = lambda r: {k: v for k, v in r.items() if k not in ('answers', 'tasks')}

@@ -16,8 +16,8 @@ from .core import set_seed, auto_precision, eval_mode
 
 # %% auto #0
 __all__ = ['TrainConfig', 'cosine_with_warmup', 'batch_indices', 'count_items', 'evaluate', 'trainable_state_dict',
-           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'History', 'process_state', 'fsdp_shard', 'train',
-           'plot_history', 'optimizer_state_bytes']
+           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'History', 'read_history', 'process_state',
+           'fsdp_shard', 'train', 'plot_history', 'optimizer_state_bytes']
 
 # %% ../nbs/02b_train.ipynb #66140a21
 @dataclass
@@ -167,6 +167,11 @@ class History(list):
     "The metrics of a run: one dict per logged step (and per evaluation)."
     def last(self, key): return next((r[key] for r in reversed(self) if key in r), None)
     def series(self, key): return [r['step'] for r in self if key in r], [r[key] for r in self if key in r]
+
+def read_history(path) -> History:
+    "A run's log as the loop wrote it (`metrics.jsonl` in `cfg.out_dir`: one JSON object per logged step or evaluation)."
+    lines = Path(path).read_text().splitlines()
+    return History(json.loads(line) for line in lines if line.strip())
 
 def _launched() -> bool:
     "Started by `torchrun` or `accelerate launch`, which give every process its LOCAL_RANK and the WORLD_SIZE."

@@ -7,6 +7,7 @@ from ftcourse.cli import main, params_table, memory_table
 from ftcourse.config import config_yaml, load_config, ConfigError, RunConfig, read_run_config
 from ftcourse.runs import load_run
 from ftcourse.methods import run
+from ftcourse.train import read_history
 
 def cli(*argv):
     "Run `ftcourse argv...` in this process; returns (status, stdout, stderr)."
@@ -90,12 +91,11 @@ def test_run_folder_restores_the_model_and_logs_every_step(tmp_path):
     m, tok = load_run(tmp_path/'r')
     x = torch.randint(0, len(tok), (2, 12))
     with torch.no_grad(): assert torch.allclose(res['model'](x).logits, m(x).logits, atol=1e-5)
-    import csv
-    rows = list(csv.DictReader(open(tmp_path/'r'/'metrics.csv')))
-    assert [r['step'] for r in rows if r['loss']] == ['1', '2', '3', '4'] and sum(bool(r['eval_loss']) for r in rows) == 3
+    rows = read_history(tmp_path/'r'/'metrics.jsonl')                  # the run's one log, as the loop wrote it
+    assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3, 4] and sum('eval_loss' in r for r in rows) == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ev = EventAccumulator(str(next((tmp_path/'r').rglob('events.out.tfevents*')).parent)); ev.Reload()
-    assert [round(e.value, 5) for e in ev.Scalars('loss')] == [round(float(r['loss']), 5) for r in rows if r['loss']]
+    assert [round(e.value, 5) for e in ev.Scalars('loss')] == [round(float(r['loss']), 5) for r in rows if 'loss' in r]
     summary = json.loads((tmp_path/'r'/'summary.json').read_text())
     assert summary['trainable_params'] == sum(t.numel() for t in load_file(tmp_path/'r'/'trainable.safetensors').values())
 
@@ -166,7 +166,7 @@ def test_tour_quick_writes_the_report_and_every_run(tmp_path):
     for r in rep['rows'][1:]:
         saved = load_file(out/r['method']/'trainable.safetensors')
         assert r['trainable_params'] == sum(t.numel() for t in saved.values()) > 0
-        assert r['peak_mb'] > 0 and (out/r['method']/'metrics.csv').exists()
+        assert r['peak_mb'] > 0 and (out/r['method']/'metrics.jsonl').exists()
         assert read_run_config(out/r['method']).method == r['method']
     for r in rep['rows']:
         if r['method'] != 'reward':

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_train import examples, config, masked, CLI_ARGS
 from ftcourse.core import tiny_model
 from ftcourse.sft import sft_loss_fn
+from ftcourse.train import read_history
 from ftcourse.train import train, batch_indices, trainable_state_dict
 
 # fp32 on the CPU. Two processes sum the gradient in another order than one process's four micro-batches, so the
@@ -130,15 +131,15 @@ def one_process_command(tmp_path_factory):
 @pytest.mark.parametrize('run', ['cli', 'cli-fsdp'])
 def test_the_command_writes_one_run_folder_from_rank_0(launched, one_process_command, run):
     "`torchrun ... ftcourse sft [--strategy fsdp]`: one run folder, written by rank 0 alone, as the one-process command's."
-    import csv, yaml
+    import yaml
     work, reports, stdout = launched
     assert reports[run, 0]['world'] == 2
     assert reports[run, 1]['writes'] == [], reports[run, 1]['writes'][:5]
     assert {p.split('/')[0] for _, p in reports[run, 0]['writes']} <= {'.', run}           # '.': the parent folder
-    assert {f'{run}/config.yaml', f'{run}/metrics.csv'} <= {p for _, p in reports[run, 0]['writes']}
+    assert {f'{run}/config.yaml', f'{run}/metrics.jsonl'} <= {p for _, p in reports[run, 0]['writes']}
     strategy = yaml.safe_load((work/'runs'/run/'config.yaml').read_text())['strategy']
     assert strategy == ('fsdp' if run == 'cli-fsdp' else 'ddp')
-    l1, l2 = ([float(r['loss']) for r in csv.DictReader(open(d/'metrics.csv'))]
+    l1, l2 = ([r['loss'] for r in read_history(d/'metrics.jsonl') if 'loss' in r]
               for d in (one_process_command, work/'runs'/run))
     assert len(l1) == 3 and l2 == pytest.approx(l1, rel=LOSS_RTOL)
     # whole tensors (FSDP's shards gathered by `trainable_state_dict`), equal to one process's within WEIGHT_ATOL

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
 from ftcourse.cli import main
-from ftcourse.runs import read_csv
+from ftcourse.train import read_history
+from ftcourse.ppo import iteration_history
 
 def command(method, out, *extra):
     "A tiny run's command line: fp32 (no autocast), so that it is the same computation in every process."
@@ -45,7 +46,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
     assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
-    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
+    a, b = read_history(tmp_path/'whole'/'metrics.jsonl'), read_history(tmp_path/'killed'/'metrics.jsonl')
     assert [r['step'] for r in a if 'loss' in r] == list(range(1, 17)) and any('eval_loss' in r for r in a)
     assert without_time(a) == without_time(b)                             # every loss, lr, norm and evaluation
     wa, wb = load_file(tmp_path/'whole'/'trainable.safetensors'), load_file(tmp_path/'killed'/'trainable.safetensors')
@@ -75,11 +76,10 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
     assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
-    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
-    assert [r['step'] for r in a] == list(range(1, 13)) and a[-1]['kl'] != 0.0        # one row per iteration; it moved
-    assert without_time(a) == without_time(b)
-    steps = lambda run: [json.loads(line) for line in (tmp_path/run/'metrics.jsonl').read_text().splitlines()]
-    assert len(steps('whole')) == 48 and without_time(steps('whole')) == without_time(steps('killed'))
+    a, b = read_history(tmp_path/'whole'/'metrics.jsonl'), read_history(tmp_path/'killed'/'metrics.jsonl')
+    assert len(a) == 48 and without_time(a) == without_time(b)           # one row per minibatch update, 4 an iteration
+    iterations = iteration_history(a, updates=4)
+    assert [r['step'] for r in iterations] == list(range(1, 13)) and iterations[-1]['kl'] != 0.0   # it moved
     for name in ('trainable.safetensors', 'value_head.safetensors'):
         wa, wb = load_file(tmp_path/'whole'/name), load_file(tmp_path/'killed'/name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
@@ -107,7 +107,7 @@ def test_a_killed_grpo_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path/'killed'}/checkpoint-{at:06d} at step {at}" in resumed.stdout + resumed.stderr
     assert whole.wait(timeout=600) == 0, (tmp_path/'whole.log').read_text()[-3000:]
-    a, b = read_csv(tmp_path/'whole'/'metrics.csv'), read_csv(tmp_path/'killed'/'metrics.csv')
+    a, b = read_history(tmp_path/'whole'/'metrics.jsonl'), read_history(tmp_path/'killed'/'metrics.jsonl')
     assert [r['step'] for r in a] == list(range(1, 13))
     assert any(r['grad_norm'] > 0 for r in a if r['step'] > at)          # the policy moves after the kill too
     assert without_time(a) == without_time(b)        # every reward, completion length, loss and gradient norm

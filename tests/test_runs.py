@@ -134,7 +134,7 @@ def test_only_the_main_process_writes_the_run_folder(tmp_path, monkeypatch):
     assert not is_main_process()
     res = run(load_config(overrides=dict(TINY, steps=1, eval_every=0, output_dir=str(tmp_path/'r'))), device='cpu')
     written = {p.name for p in (tmp_path/'r').glob('*')} if (tmp_path/'r').exists() else set()
-    assert not written & {'config.yaml', 'metrics.csv', 'trainable.safetensors', 'summary.json'}, written
+    assert not written & {'config.yaml', 'trainable.safetensors', 'summary.json'}, written   # the loop's log: test_distributed
     assert res['history'] and res['trainable_params'] > 0     # it did train
 
 @pytest.mark.parametrize('use_dora', [False, True])

@@ -4,8 +4,8 @@ import pytest, torch
 from transformers import get_cosine_schedule_with_warmup
 from ftcourse.core import tiny_model, load_course_dataset
 from ftcourse.sft import build_sft_example, collate_sft, sft_loss_fn
-from ftcourse.train import (TrainConfig, train, cosine_with_warmup, batch_indices, count_items, latest_checkpoint,
-                            load_checkpoint, save_checkpoint, evaluate)
+from ftcourse.train import (TrainConfig, train, read_history, History, cosine_with_warmup, batch_indices, count_items,
+                            latest_checkpoint, load_checkpoint, save_checkpoint, evaluate)
 
 @pytest.fixture(scope='module')
 def data():
@@ -78,6 +78,9 @@ def test_resume_gives_the_uninterrupted_parameters(data, tmp_path):
     assert h.series('eval_loss')[0] == [0, 3, 6]
     lines = (tmp_path/'b'/'metrics.jsonl').read_text().splitlines()
     assert [json.loads(l)['step'] for l in lines] == [r['step'] for r in h2]
+    logged = read_history(tmp_path/'b'/'metrics.jsonl')          # the run's one log, read back as the loop returned it
+    assert isinstance(logged, History) and [{k: v for k, v in r.items() if k != 'seconds'} for r in logged] == \
+        [{k: v for k, v in r.items() if k != 'seconds'} for r in h2]
     assert not list((tmp_path/'b').glob('.tmp-*')) and len(list((tmp_path/'b').glob('checkpoint-*'))) == 2
 
 def test_nan_loss_stops_before_the_weights_change(data):
