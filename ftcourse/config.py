@@ -73,8 +73,7 @@ class LoopOptions:
 @dataclass
 class HeldOutOptions:
     "Held-out rows, for the methods that evaluate while they train."
-    eval_dataset:str|None = _opt(None, "held-out rows (default: the course's test split; "
-                                       "for other data, rows split off the training set)")
+    eval_dataset:str|None = _opt(None, "held-out rows (default: the course's test split, or rows split off other data)")
     n_eval:int = _opt(48, "held-out rows used for evaluation")
 
 @dataclass
@@ -90,8 +89,7 @@ class ORPOOptions:
 @dataclass
 class PPOOptions:
     "Chapter 7's."
-    reward_model:str|None = _opt(None, "ppo: a reward run's folder to score responses "
-                                       "(default: the course judge, a rule)")
+    reward_model:str|None = _opt(None, "ppo: a reward run's folder to score responses (default: the course judge)")
     ppo_max_new_tokens:int = _opt(24, "ppo: tokens generated per response")
     ppo_kl_coef:float = _opt(0.05, "ppo: the per-token KL penalty's coefficient against the reference "
                                    "(the starting policy)")
