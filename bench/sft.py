@@ -23,7 +23,8 @@ rows = load_course_dataset('sft', 'train').select(range(N * B))
 def ours():
     model, tok = load_model(); set_seed(0)
     exs, _ = sft_dataset(rows, tok, 128, verbose=False)
-    cfg = TrainConfig(steps=N, batch_size=B, lr=LR, warmup_steps=WARM, max_grad_norm=1.0, eval_every=0, shuffle=False, progress=False)
+    cfg = TrainConfig(steps=N, batch_size=B, lr=LR, warmup_steps=WARM, max_grad_norm=1.0, eval_every=0, shuffle=False, progress=False,
+                      mixed_precision='no')   # fp32, as trl's run: the default 'auto' is bf16 on this CPU
     t = time.perf_counter(); h = train(model, sft_loss_fn, exs, cfg, collate_fn=collate_sft(tok)); dt = time.perf_counter() - t
     return dt, [r['loss'] for r in h]
 
