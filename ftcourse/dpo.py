@@ -366,7 +366,7 @@ def train_dpo(model, tok, train_rows, # the policy (LoRA applied or not), its to
         bs = cfg.micro_batch_size or cfg.batch_size
         # the micro-batches the loop will run, in its order; each one that holds a pair not scored yet is scored whole, so
         # a pair's reference comes from the same batch (same padding) as the policy's first pass over it: under bf16 a
-        # different batch rounds differently, by up to a tenth of a nat
+        # different batch rounds differently, enough to move the first step's loss off log 2
         micro, seen = [], set()
         for s in range(cfg.steps):
             idx = batch_indices(s, cfg.batch_size, len(exs), cfg.seed, cfg.shuffle)

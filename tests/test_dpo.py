@@ -263,7 +263,8 @@ def test_shared_prefix_gives_the_concatenated_losses_and_gradients(rows):
             out[shared] = loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         assert torch.allclose(out[False][0], out[True][0], rtol=1e-5, atol=1e-6)
         assert out[False][1].keys() == out[True][1].keys()
-        for n, g in out[False][1].items(): assert torch.allclose(g, out[True][1][n], rtol=1e-3, atol=1e-6), n
+        for n, g in out[False][1].items():   # the two forwards add in other orders: relative to each tensor's norm
+            assert (g - out[True][1][n]).norm() <= 1e-4 * g.norm() + 1e-12, n
     with pytest.raises(ValueError, match="nll_on='answer'"): orpo_loss_fn(0.1, nll_on='sequence', shared_prefix=True)
     empty = dict(batch, labels=batch['labels'].clone())
     empty['labels'][0] = -100                                   # pair 0's chosen answer has no tokens left
