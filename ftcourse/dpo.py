@@ -12,15 +12,15 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import eval_mode, autocast, frozen_copy
-from .sft import IGNORE_INDEX, preference_dataset, collate_preference, collate_sft
+from .sft import IGNORE_INDEX, preference_dataset, collate_preference, collate_sft, answer_span, _takes_logits_to_keep
 from .train import TrainConfig, train, History, batch_indices
 from .lora import lora_layers, adapters_disabled
 from .reward import pair_metrics
 from .evaluate import weights_digest, run_context, cached_result
 
 # %% auto #0
-__all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'answer_span',
-           'model_logps', 'concatenated_logps', 'shared_prefix_batch', 'shared_prefix_logps', 'dpo_loss', 'collate_dpo',
+__all__ = ['LOSS_TYPES', 'TRL_DPO_METRICS', 'TRL_KTO_METRICS', 'aligned_logps', 'token_logps', 'sequence_logps', 'model_logps',
+           'concatenated_logps', 'shared_prefix_batch', 'shared_prefix_logps', 'dpo_loss', 'collate_dpo',
            'precompute_ref_logps', 'reference_model', 'reference_logps', 'dpo_loss_fn', 'trl_trainer',
            'trl_dpo_trainer', 'trl_paired_batch', 'trl_loss_metrics', 'compare_metrics', 'compare_with_trl',
            'assert_matches_trl', 'train_dpo', 'pair_logps', 'preference_accuracy', 'preference_metrics', 'ipo_loss',
@@ -52,16 +52,6 @@ def sequence_logps(logits:torch.Tensor, # (N, T, V) next-token logits
     return s / mask.sum(-1).clamp(min=1) if average else s
 
 # %% ../nbs/08_dpo.ipynb #63e9d11c
-def answer_span(labels:torch.Tensor) -> tuple[int, int]:
-    "The positions `lo:hi` whose logits predict some answer token in the batch (labels shifted by one)."
-    cols = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
-    if len(cols) == 0: raise ValueError("no answer tokens in the batch: every label is -100")
-    return int(cols[0]), int(cols[-1]) + 1
-
-def _takes_logits_to_keep(model) -> bool:
-    m = getattr(model, 'module', model)
-    return 'logits_to_keep' in inspect.signature(m.forward).parameters
-
 def model_logps(model, input_ids:torch.Tensor, # (N, T)
                 attention_mask:torch.Tensor, # (N, T)
                 labels:torch.Tensor, # (N, T) target ids, -100 on the prompt and the padding

@@ -6,6 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/sft.html.md"""
 
 # %% ../nbs/02a_sft.ipynb #bd918b0b
 from __future__ import annotations
+import inspect
 from dataclasses import dataclass, field
 import torch, torch.nn.functional as F
 from .core import eval_mode
@@ -16,8 +17,8 @@ IGNORE_INDEX = -100
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'chat_ids', 'SFTReport', 'response_ids', 'build_sft_example', 'sft_dataset', 'pad_id', 'pad_sequences',
            'collate_sft', 'PreferenceReport', 'preference_messages', 'preference_dataset', 'collate_preference',
-           'sft_loss', 'sft_loss_fn', 'trl_sft_batch', 'pack_examples', 'collate_packed', 'packed_sft_loss_fn',
-           'prompt_messages', 'generate_responses']
+           'sft_loss', 'answer_span', 'sft_loss_fn', 'trl_sft_batch', 'pack_examples', 'collate_packed',
+           'packed_sft_loss_fn', 'prompt_messages', 'generate_responses']
 
 # %% ../nbs/02a_sft.ipynb #ef8fb404
 def chat_ids(tok, messages:list[dict], add_generation_prompt:bool=False) -> list[int]:
@@ -156,11 +157,32 @@ def sft_loss(logits:torch.Tensor, # (batch, seq, vocab)
     "Mean next-token cross-entropy over the positions whose label is not -100."
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
+def answer_span(labels:torch.Tensor) -> tuple[int, int]:
+    "The positions `lo:hi` whose logits predict some answer token in the batch (labels shifted by one)."
+    cols = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    if len(cols) == 0: raise ValueError("no answer tokens in the batch: every label is -100")
+    return int(cols[0]), int(cols[-1]) + 1
+
+def _takes_logits_to_keep(model) -> bool:
+    m = getattr(model, 'module', model)
+    return 'logits_to_keep' in inspect.signature(m.forward).parameters
+
 def sft_loss_fn(model, batch:dict) -> tuple[torch.Tensor, dict]:
-    "The chapter's `loss_fn(model, batch) -> (loss, metrics)` for the training loop."
-    logits = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits
-    loss = sft_loss(logits, batch['labels'])
-    return loss, dict(loss=loss.item(), n_items=int((batch['labels'][:, 1:] != IGNORE_INDEX).sum()))
+    "The chapter's `loss_fn(model, batch) -> (loss, metrics)` for the training loop; logits only over the answer span."
+    ids, mask, labels = batch['input_ids'], batch['attention_mask'], batch['labels']
+    n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if _takes_logits_to_keep(model) and n_items == 0:
+        # nothing to learn here (with several processes every one runs each micro-batch): a zero that reaches every weight
+        loss = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits.float().sum() * 0
+    elif _takes_logits_to_keep(model):
+        lo, hi = answer_span(labels)
+        keep = torch.arange(lo, hi, device=ids.device)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+        # the logit at position lo+j predicts token lo+j+1: the labels are already shifted by the slice
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, lo + 1:hi + 1].flatten(), ignore_index=IGNORE_INDEX)
+    else:
+        loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    return loss, dict(loss=loss.item(), n_items=n_items)
 
 # %% ../nbs/02a_sft.ipynb #7fd1e0a0
 def trl_sft_batch(rows, tok, model, max_len:int=128):

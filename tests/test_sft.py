@@ -3,7 +3,7 @@ import copy
 import pytest, torch
 from ftcourse.core import tiny_model, load_model, load_course_dataset
 from ftcourse.sft import (build_sft_example, sft_dataset, collate_sft, sft_loss, sft_loss_fn, trl_sft_batch, IGNORE_INDEX,
-                          generate_responses, prompt_messages, pad_id, preference_dataset, preference_messages, collate_preference)
+                          generate_responses, prompt_messages, pad_id, answer_span, preference_dataset, preference_messages, collate_preference)
 from ftcourse.data import DatasetFormatError
 
 @pytest.fixture(scope='module')
@@ -64,6 +64,28 @@ def test_loss_equals_transformers_and_ignores_masked_positions(tiny, rows):
         logits = out.logits.clone(); masked = b['labels'][:, 1:] == IGNORE_INDEX
         logits[:, :-1][masked] += torch.randn_like(logits[:, :-1][masked]) * 10
         assert torch.equal(sft_loss(logits, b['labels']), sft_loss(out.logits, b['labels']))
+
+def test_loss_fn_over_the_answer_span_equals_every_position(tiny, rows):
+    "sft_loss_fn computes logits only over the answer span: the same loss and gradients as the full logits (fp32, 1e-5/1e-6)."
+    m, tok = tiny
+    b = collate_sft(tok)(sft_dataset(rows.select(range(6)), tok, verbose=False)[0])
+    lo, hi = answer_span(b['labels'])
+    assert 0 < lo < hi <= b['input_ids'].shape[1] - 1                   # the prompt's positions are skipped
+    def run(fn):
+        m.zero_grad()
+        loss = fn(); loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
+    (ls, gs) = run(lambda: sft_loss_fn(m, b)[0])
+    (lf, gf) = run(lambda: sft_loss(m(input_ids=b['input_ids'], attention_mask=b['attention_mask']).logits, b['labels']))
+    assert ls == pytest.approx(lf, rel=1e-5) and torch.allclose(gs, gf, atol=1e-6)
+    # a micro-batch with nothing to learn (a process's share can be all masked): loss 0, gradients 0, every weight reached
+    masked = dict(b, labels=torch.full_like(b['labels'], IGNORE_INDEX))
+    m.zero_grad()
+    loss, metrics = sft_loss_fn(m, masked); loss.backward()
+    assert loss.item() == 0 and metrics['n_items'] == 0
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match='every label is -100'): answer_span(masked['labels'])
+
 
 @pytest.mark.parametrize('which', ['tiny', 'real'])
 def test_same_labels_and_loss_as_trl(tiny, rows, which):
