@@ -63,7 +63,7 @@ class Settings:
     "The knobs a chapter scales with the hardware. Chapters read them; they never test the device themselves."
     model:str = DEFAULT_MODEL  # the model the experiments train
     steps:int = 30             # optimizer steps in a chapter's experiment
-    full_steps:int = 20        # optimizer steps of a full fine-tune (a full step costs several LoRA steps on a CPU)
+    full_steps:int = 12        # optimizer steps of a full fine-tune (a full step costs several LoRA steps on a CPU)
     batch_size:int = 4         # sequences per optimizer step
     max_len:int = 128          # longest sequence in tokens (prompt + response)
     eval_every:int = 10        # evaluate on held-out data every this many steps
