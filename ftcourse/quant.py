@@ -301,14 +301,16 @@ def llama_param_counts(cfg) -> dict:
     return dict(linear=lin, embed=V * d, lm_head=0 if cfg.tie_word_embeddings else V * d, norm=(2 * L + 1) * d)
 
 # %% ../nbs/04_nf4.ipynb #4dde2d72
-def activation_bytes(cfg, batch_size:int, seq_len:int, bytes_per_act:int=2, grad_checkpointing:bool=False) -> int:
+def activation_bytes(cfg, batch_size:int, seq_len:int, bytes_per_act:int=2, grad_checkpointing:bool=False,
+                     logit_positions:int|None=None, # positions whose logits are computed (e.g. the answer span); None: all
+                    ) -> int:
     """An *estimate* of the activations kept for backward. Per decoder layer we use Korthikanti et al. (2022)'s
     s*b*h*(34 + 5*a*s/h) bytes for 16-bit activations (scaled by bytes_per_act/2), plus the logits (b*s*V, twice: logits
-    and their softmax gradient buffer, in fp32). With checkpointing only each layer's input (s*b*h) is kept plus one layer."""
+    and their softmax gradient buffer, in fp32), over `logit_positions` positions per sequence (all by default; `sft_loss_fn` keeps only the answer span). With checkpointing only each layer's input (s*b*h) is kept plus one layer."""
     s, b, h, a, L, V = seq_len, batch_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.vocab_size
     layer = s * b * h * (34 + 5 * a * s / h) * bytes_per_act / 2
     body = L * s * b * h * bytes_per_act + layer if grad_checkpointing else L * layer
-    return int(body + 2 * b * s * V * 4)
+    return int(body + 2 * b * (s if logit_positions is None else logit_positions) * V * 4)
 
 def estimate_training_memory(cfg, # a transformers Llama config (or anything with the same fields)
                              method:str='full', # 'full', 'lora' or 'qlora'
@@ -316,7 +318,9 @@ def estimate_training_memory(cfg, # a transformers Llama config (or anything wit
                              lora_r:int=16, target_modules=LLAMA_LINEARS,
                              optimizer:str='adamw', # key of the optimizer-state table: 'adamw', 'sgd', 'adamw8bit', ...
                              dtype=torch.float32, # dtype of the (non-quantized) weights, gradients and LoRA weights
-                             double_quant:bool=True, blocksize:int=64, grad_checkpointing:bool=False) -> dict:
+                             double_quant:bool=True, blocksize:int=64, grad_checkpointing:bool=False,
+                             logit_positions:int|None=None, # positions per sequence whose logits are computed; None: all
+                            ) -> dict:
     "Bytes of weights, gradients, optimizer states and (estimated) activations for one training setup."
     pc, wb = llama_param_counts(cfg), _DTYPE_BYTES[dtype]
     n = sum(pc.values())
@@ -326,7 +330,7 @@ def estimate_training_memory(cfg, # a transformers Llama config (or anything wit
         frozen = (pc['linear'] * nf4_bits_per_param(blocksize, double_quant) / 8 + (n - pc['linear']) * wb) if method == 'qlora' else n * wb
         weights = frozen + trainable * wb
     res = dict(weights=int(weights), gradients=trainable * wb, optimizer=trainable * _OPT_BYTES[optimizer],
-               activations=activation_bytes(cfg, batch_size, seq_len, wb, grad_checkpointing))
+               activations=activation_bytes(cfg, batch_size, seq_len, wb, grad_checkpointing, logit_positions))
     res['total'] = sum(res.values()); res['params'] = n; res['trainable'] = trainable
     return res
 
