@@ -1,7 +1,7 @@
 """Our SFT loop (ftcourse.train + ftcourse.sft) against trl's SFTTrainer on the same work: the default model, the same
 rows in the same order, full fine-tuning, batch 4, AdamW lr 5e-5, 2 warmup steps then cosine, clipping at 1.0, N steps.
 Both in fp32, and both under bf16 autocast where the CPU runs bf16 natively (`fast_bf16`). Prints steps per second of each,
-their ratio, the loss of each at every step, and where our step's time goes (collate, forward and loss, backward, clipping
+their ratio, the bytes each loss saves for backward, the loss of each at every step, and where our step's time goes (collate, forward and loss, backward, clipping
 and optimizer); writes bench/sft.md.
 
     python bench/sft.py [--steps 10] [--repeats 3]
@@ -46,6 +46,25 @@ def breakdown(precision, steps=4):
         for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)): phases[k].append(dt)
     return {k: statistics.median(v) for k, v in phases.items()}
 
+def saved_mib(precision):
+    "MiB autograd saves for backward in one loss on the first batch (weights excluded), ours and trl's: {'ours': .., 'trl': ..}."
+    from trl import SFTTrainer, SFTConfig
+    from ftcourse.checkpoint import SavedTensors
+    model, tok = load_model(); set_seed(0); model.train()
+    exs, _ = sft_dataset(rows, tok, 128, verbose=False)
+    out = {}
+    with SavedTensors(exclude=model) as st, autocast('cpu', precision): sft_loss_fn(model, collate_sft(tok)(exs[:B]))
+    out['ours'] = st.unique / 2**20
+    pc = Dataset.from_list([dict(prompt=r['messages'][:-1], completion=r['messages'][-1:]) for r in rows])
+    with tempfile.TemporaryDirectory() as d:
+        tr = SFTTrainer(model=model, args=SFTConfig(output_dir=d, max_length=128, per_device_train_batch_size=B, report_to=[],
+                                                    use_cpu=True, bf16=precision == 'bf16', dataset_num_proc=None),
+                        train_dataset=pc, processing_class=tok)
+        batch = tr.data_collator([tr.train_dataset[i] for i in range(B)])
+        with SavedTensors(exclude=model) as st, autocast('cpu', precision): tr.compute_loss(model, batch)
+    out['trl'] = st.unique / 2**20
+    return out
+
 def trl_(precision):
     from trl import SFTTrainer, SFTConfig
     model, tok = load_model(); set_seed(0)
@@ -75,10 +94,12 @@ for prec in precisions:
     l_ours, l_trl = rounds[0][0][1], rounds[0][1][1]
     ratio = (N / t_ours) / (N / t_trl)
     diffs = [abs(a - b) for a, b in zip(l_ours, l_trl)]
-    parts = breakdown(prec)
+    parts, mem = breakdown(prec), saved_mib(prec)
     lines += [f"## {name[prec]}", "", "| | seconds | steps/s |", "|---|---|---|",
               f"| ours (ftcourse.train) | {t_ours:.1f} | {N / t_ours:.3f} |", f"| trl SFTTrainer | {t_trl:.1f} | {N / t_trl:.3f} |", "",
               f"**Speed ratio (ours / trl, steps per second), {name[prec]}: {ratio:.2f}**", "",
+              f"Memory: autograd saves {mem['ours']:.1f} MiB for backward in our loss on the first batch and {mem['trl']:.1f} MiB "
+              f"in trl's `compute_loss` on the same rows (the model's weights excluded; ours/trl {mem['ours'] / mem['trl']:.2f}).", "",
               "Where our step's time goes (seconds, median of 4 steps measured by hand outside the loop):", "",
               "| phase | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {v / sum(parts.values()):.0%} |" for k, v in parts.items()]
