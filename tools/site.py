@@ -174,8 +174,8 @@ def execute_all(nbs:list[Path], jobs:int, use_cache:bool=True) -> dict[Path, Pat
     # several notebooks at once: one math thread each, or their torch threads fight over the cores (as in tools/test)
     if jobs > 1: os.environ.setdefault('OMP_NUM_THREADS', '1')
     # one fresh process per notebook (IPython's shell takes over the worker's __main__, as in Jupyter), forked from a
-    # server that has imported the heavy libraries once: each notebook then starts in about a second instead of
-    # spending some 7 s importing torch, transformers, peft and trl again (modules only; no thread, model or seed is shared)
+    # server that has imported the heavy libraries once, so that no notebook imports torch, transformers, peft and trl
+    # again (modules only; no thread, model or seed is shared)
     ctx = mp.get_context(os.environ.get('FTCOURSE_SITE_START', 'forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn'))
     if ctx.get_start_method() == 'forkserver': ctx.set_forkserver_preload(PRELOAD)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as ex:
