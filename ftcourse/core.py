@@ -6,7 +6,7 @@ Docs: https://ftcourse.github.io/ftcourse/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #b08f62c2
 from __future__ import annotations
-import copy, os, json, random, socket, shutil, importlib, importlib.util, time, tempfile
+import copy, os, json, random, re, socket, shutil, importlib, importlib.util, time, tempfile, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
@@ -20,8 +20,8 @@ __all__ = ['DEFAULT_MODEL', 'CPU_SETTINGS', 'GPU_SETTINGS', 'GGUF_PACKAGE', 'GGU
            'T4_BYTES', 'T4_MARGIN', 'GPU_WORKLOADS', 'CONSTRAINTS_URL', 'set_seed', 'eval_mode', 'frozen_copy',
            'get_device', 'Settings', 'course_settings', 'fast_bf16', 'auto_precision', 'autocast', 'cache_dir',
            'file_lock', 'gguf_path', 'hub_reachable', 'convert_gguf', 'random_weights_requested', 'random_model',
-           'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload', 'workload_bytes', 'require',
-           'tested_versions', 'check_versions']
+           'drop_default_system', 'ModelNotAvailable', 'load_model', 'tiny_tokenizer', 'tiny_model', 'Workload',
+           'workload_bytes', 'require', 'tested_versions', 'check_versions']
 
 # %% ../nbs/00_core.ipynb #029755dc
 def set_seed(seed:int=0 # the seed for Python's `random`, NumPy and torch (CPU and all GPUs)
@@ -241,6 +241,25 @@ def random_model(name:str=DEFAULT_MODEL, # a key of `SMOLLM2_CONFIGS`
     if device is not None: model.to(device)
     return model.eval(), tok
 
+# %% ../nbs/00_core.ipynb #8c697182
+_DEFAULT_SYSTEM = re.compile(r"\{%-?\s*if loop\.first and messages\[0\]\['role'\] != 'system'\s*-?%\}.*?\{%-?\s*endif\s*-?%\}", re.S)
+
+def drop_default_system(tok) -> str|None:
+    "Remove the system message `tok`'s chat template adds to conversations without one; the text removed, or None if none is added."
+    template = getattr(tok, 'chat_template', None)
+    if not isinstance(template, str): return None
+    user, system = [dict(role='user', content='Hi.')], [dict(role='system', content='Be brief.'), dict(role='user', content='Hi.')]
+    before, explicit = tok.apply_chat_template(user, tokenize=False), tok.apply_chat_template(system, tokenize=False)
+    if 'system' not in before.split('Hi.')[0]: return None          # no system turn is written in front of the user's
+    tok.chat_template = _DEFAULT_SYSTEM.sub('', template, count=1)
+    after = tok.apply_chat_template(user, tokenize=False)
+    # the edit must remove exactly a prefix, and leave a conversation with its own system message as it was
+    if not before.endswith(after) or before == after or tok.apply_chat_template(system, tokenize=False) != explicit:
+        tok.chat_template = template
+        warnings.warn("this chat template adds a default system message in a form ftcourse does not recognise: it is kept")
+        return None
+    return before[:len(before) - len(after)]
+
 # %% ../nbs/00_core.ipynb #4afbc004
 class ModelNotAvailable(OSError):
     "Raised when no source can serve the requested model."
@@ -257,9 +276,15 @@ def load_model(name:str=DEFAULT_MODEL, # a hub id, a local folder, or the defaul
                device:str|torch.device|None='cpu', # where to put the model (`None`: leave it where it loads)
                local_only:bool|None=None, # only look at local caches; default: when the hub is unreachable
                trust_remote_code:bool=False, # run code from the model's repository (only if you trust it)
+               default_system:bool=False, # keep the chat template's default system message (`drop_default_system`)
                **kw # passed on to `AutoModelForCausalLM.from_pretrained`
               ):
     "Load a causal LM and its tokenizer: hub or hub cache, then (default model only) the packaged GGUF file, else a clear error."
+    model, tok = _load(name, dtype, device, local_only, trust_remote_code, **kw)
+    if not default_system: drop_default_system(tok)
+    return model, tok
+
+def _load(name, dtype, device, local_only, trust_remote_code, **kw):
     # FTCOURSE_RANDOM_WEIGHTS=1: a machine with neither the hub nor the GGUF file runs the chapters on random weights
     if random_weights_requested() and name in SMOLLM2_CONFIGS: return random_model(name, dtype, device, **kw)
     local_only = (not Path(name).exists() and not hub_reachable()) if local_only is None else local_only

@@ -381,15 +381,15 @@ def train_sft_lora(model, tok, settings=None, # default: `course_settings()`
                       eval_every=s.eval_every, mixed_precision='auto', seed=seed, progress=progress)
     return train(model, sft_loss_fn, train_ex, cfg, collate_fn=collate_sft(tok), eval_data=eval_ex)
 
-def _sft_key(settings, seed:int) -> str:
-    "A hash of everything that changes the SFT model: settings, seed, recipe, precision, training data."
+def _sft_key(settings, seed:int, template:str|None) -> str:
+    "A hash of everything that changes the SFT model: settings, seed, recipe, precision, chat template, training data."
     import hashlib, json
     from dataclasses import asdict
     from ftcourse.core import auto_precision
     from ftcourse.data import DATA_DIR
     data = hashlib.sha256((DATA_DIR/'sft_train.jsonl').read_bytes() + (DATA_DIR/'sft_test.jsonl').read_bytes()).hexdigest()
     what = dict(settings=asdict(settings), seed=seed, lora=SFT_LORA, lr=SFT_LR, data=data,
-                precision=auto_precision(settings.device))
+                precision=auto_precision(settings.device), template=template)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 def sft_model(settings=None, # default: `course_settings()`
@@ -399,9 +399,9 @@ def sft_model(settings=None, # default: `course_settings()`
     from ftcourse.core import course_settings, load_model, cache_dir, file_lock
     from ftcourse.train import History
     s = settings or course_settings()
-    folder = cache_dir()/'sft'/_sft_key(s, seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(s.model, device=s.device)
+    folder = cache_dir()/'sft'/_sft_key(s, seed, tok.chat_template)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with file_lock(f"{folder}.lock"):          # a second process asking now waits here, then finds the files
         if (folder/'history.json').exists():

@@ -156,3 +156,33 @@ def test_random_weights_135m_matches_converted_model():
     for k, v in core.SMOLLM2_CONFIGS[DEFAULT_MODEL].items():
         if k == 'rope_parameters': assert cfg[k]['rope_theta'] == v['rope_theta']
         elif k != 'model_type': assert cfg[k] == pytest.approx(v), k
+
+SMOLLM2_LIKE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+                "You are a helpful assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+                "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+def test_drop_default_system():
+    "The default system turn goes; a conversation's own system message renders as before; other templates are left alone."
+    from ftcourse.core import drop_default_system, tiny_tokenizer, CHATML_TEMPLATE
+    tok = tiny_tokenizer(); tok.chat_template = SMOLLM2_LIKE
+    user = [dict(role='user', content='2 + 2?'), dict(role='assistant', content='4')]
+    own = [dict(role='system', content='Be terse.')] + user
+    before_own = tok.apply_chat_template(own, tokenize=False)
+    assert drop_default_system(tok) == '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n'
+    assert tok.apply_chat_template(user, tokenize=False) == '<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n'
+    assert tok.apply_chat_template(own, tokenize=False) == before_own
+    assert drop_default_system(tok) is None                 # nothing left to remove
+    plain = tiny_tokenizer()
+    assert drop_default_system(plain) is None and plain.chat_template == CHATML_TEMPLATE
+    # a default system message written in a form the pattern does not know: kept, with a warning
+    odd = tiny_tokenizer(); odd.chat_template = "{{ '<|im_start|>system\nHi<|im_end|>\n' }}" + CHATML_TEMPLATE
+    with pytest.warns(UserWarning, match='does not recognise'): assert drop_default_system(odd) is None
+    assert odd.chat_template.startswith("{{ '<|im_start|>system")
+
+def test_load_model_drops_the_default_system_message():
+    "The default model renders a conversation without SmolLM2's default system turn unless asked to keep it."
+    chat = [dict(role='user', content='hi')]
+    _, tok = load_model()
+    _, kept = load_model(default_system=True)
+    assert tok.apply_chat_template(chat, tokenize=False) == '<|im_start|>user\nhi<|im_end|>\n'
+    assert kept.apply_chat_template(chat, tokenize=False).startswith('<|im_start|>system\nYou are a helpful AI assistant')
