@@ -151,7 +151,7 @@ class JudgeResult:
 
 def judge_eval(model, tok, rows, # rows with `answer` and `task`: the SFT split's or the preference split's
                max_new_tokens:int=24, # longest answer
-               batch_size:int=16, # rows generated at once
+               batch_size:int=64, # rows generated at once (a wide batch: each decoding step costs little more)
                cache:bool=True, # reuse answers generated before for the same weights, rows and settings
               ) -> JudgeResult:
     "Greedy answers to every row, judged by `ftcourse.data.judge`; works under a caller's `torch.autocast`."

@@ -156,15 +156,16 @@ def score_responses(rm, tok, rows, # rows whose prompt is answered: SFT rows (`m
     "The reward of each row's prompt followed by its response, (N,) on the CPU, in row order."
     rows = list(rows)
     if len(rows) != len(responses): raise ValueError(f"{len(rows)} rows but {len(responses)} responses: give one response per row")
-    dev, out = next(rm.parameters()).device, []
+    ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)]) for r, a in zip(rows, responses)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)   # longest first: least padding
+    dev, out = next(rm.parameters()).device, torch.empty(len(ids))
     with eval_mode(rm):
-        for i in range(0, len(rows), batch_size):
-            ids = [chat_ids(tok, prompt_messages(r) + [dict(role='assistant', content=a)])
-                   for r, a in zip(rows[i:i + batch_size], responses[i:i + batch_size])]
-            x = pad_sequences(ids, pad_id(tok)).to(dev)
-            mask = pad_sequences([[1] * len(s) for s in ids], 0).to(dev)
-            out.append(rm(x, mask).cpu())
-    return torch.cat(out)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x = pad_sequences([ids[j] for j in idx], pad_id(tok)).to(dev)
+            mask = pad_sequences([[1] * len(ids[j]) for j in idx], 0).to(dev)
+            out[idx] = rm(x, mask).float().cpu()                            # back in row order
+    return out
 
 # %% ../nbs/06_reward.ipynb #483d1294
 def train_reward(model_or_rm, # a `RewardModel`, or a causal LM (LoRA applied or not) that gets wrapped in one
